@@ -1,0 +1,292 @@
+"""Patchers (paper §2): where patches start.
+
+Every patcher answers one question per position: does a new patch start here? The answer is a
+boolean mask `starts` [B, T+1] over the T bytes *and the position of the byte after them*, because
+the decoder needs to know, before that byte exists, whether it will open a new patch (the release
+calls this `include_next_token`). Position 0 (BOS) is a patch of its own and position 1 always
+starts a patch, as in the release. Every rule is incremental: whether position p starts a patch
+depends only on ids before p, which is what makes the model causal and cached generation exact.
+
+Rules, for p >= 2:
+- `byte`:   every position.
+- `static`: every `patch_size` bytes after the BOS patch.
+- `space`:  after a space-like byte that does not follow another space-like byte, or after a special
+            id (SpaceByte's rule as in the release; space-like = not an ASCII letter or digit and not a
+            UTF-8 continuation byte).
+- `bpe`:    right after a BPE delimiter id (see `blt.bpe.encode_with_delimiters`).
+- `entropy`: from H[p-1], the entropy model's uncertainty about byte p:
+    global threshold   H[p-1] > θ
+    monotonic rule     H[p-1] - H[p-2] > θ (p = 2 always starts, as in the release)
+    combination        H[p-1] > θ and H[p-1] - H[p-2] > θ_add (p = 2 always starts and p = 3
+                       never does: the release's rule, kept as released)
+`max_patch_length` then splits long patches every `max_patch_length` bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from blt.config import PatchingConfig
+from blt.entropy_model import EntropyModel
+from blt.errors import BltError
+from blt.tokenizer import BPE_ID, OFFSET, encode
+
+
+def _first_two(starts: torch.Tensor) -> torch.Tensor:
+    starts[:, :2] = True
+    return starts
+
+
+def limit_patch_length(starts: torch.Tensor, max_len: int | None) -> torch.Tensor:
+    """Add a start every `max_len` positions inside any longer patch."""
+    if max_len is None:
+        return starts
+    pos = torch.arange(starts.shape[1], device=starts.device)
+    last_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    offset = pos - last_start
+    return starts | ((offset > 0) & (offset % max_len == 0))
+
+
+def starts_to_lengths(starts: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """Patch lengths [B, P] (right-padded with 0) of the first `length` positions of `starts`."""
+    starts = starts[:, :length] if length is not None else starts
+    patch = starts.long().cumsum(1) - 1
+    num = int(patch[:, -1].max()) + 1 if starts.shape[1] else 0
+    return torch.zeros(starts.shape[0], num, dtype=torch.long, device=starts.device).scatter_add_(1, patch, torch.ones_like(patch))
+
+
+def lengths_to_starts(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The `starts` mask [B, T+1] of explicit patch lengths [B, P] over T = `seq_len` bytes.
+
+    Each row must sum to T (the byte after the sequence continues the last patch) or to T+1 (the
+    release's include-next-token form, which says whether that byte opens a patch). Zeros may only pad
+    the right; the first patch must be the BOS byte alone.
+    """
+    if lengths.dim() == 1:
+        lengths = lengths.unsqueeze(0)
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise BltError(f"patch_lengths must be an integer tensor, got {lengths.dtype}")
+    lengths = lengths.long()
+    if (lengths < 0).any():
+        raise BltError("patch_lengths has negative entries")
+    nonzero = lengths > 0
+    if (nonzero[:, 1:] & ~nonzero[:, :-1]).any():
+        raise BltError("patch_lengths may only be padded with zeros on the right")
+    totals = lengths.sum(1)
+    bad = ((totals != seq_len) & (totals != seq_len + 1)).nonzero()
+    if len(bad):
+        row = int(bad[0])
+        raise BltError(f"patch_lengths row {row} sums to {int(totals[row])}; expected {seq_len} (the sequence length) or {seq_len + 1}")
+    if seq_len > 0 and (lengths[:, 0] != 1).any():
+        raise BltError("the first patch must hold the first byte (BOS) alone: patch_lengths[:, 0] must be 1")
+    begin = (lengths.cumsum(1) - lengths).clamp(max=seq_len + 1)  # right padding lands past the end
+    counts = torch.zeros(lengths.shape[0], seq_len + 2, dtype=torch.long, device=lengths.device)
+    counts.scatter_add_(1, begin, nonzero.long())
+    return _first_two(counts[:, : seq_len + 1] > 0)
+
+
+def entropy_starts(entropies: torch.Tensor, threshold: float, threshold_add: float | None = None, monotonicity: bool = False) -> torch.Tensor:
+    """The `starts` mask [B, T+1] from entropies [B, T] (see the module docstring for the rules)."""
+    batch, length = entropies.shape
+    starts = torch.zeros(batch, length + 1, dtype=torch.bool, device=entropies.device)
+    h = entropies[:, 1:]  # h[i] decides position i + 2
+    if monotonicity or threshold_add is not None:
+        rise = h[:, 1:] - h[:, :-1]
+        if monotonicity:
+            starts[:, 3:] = rise > threshold
+        else:
+            starts[:, 4:] = (rise[:, 1:] > threshold_add) & (h[:, 2:] > threshold)
+        starts[:, 2:3] = length >= 2
+    else:
+        starts[:, 2:] = h > threshold
+    return _first_two(starts)
+
+
+def space_starts(ids: torch.Tensor) -> torch.Tensor:
+    """SpaceByte's rule over ids [B, T] -> [B, T+1]."""
+    b = ids - OFFSET
+    spacelike = (
+        (b < ord("0"))
+        | ((b > ord("9")) & (b < ord("A")))
+        | ((b > ord("Z")) & (b < ord("a")))
+        | ((b > ord("z")) & (b < 0x80))
+        | (b >= 0xC0)
+    )
+    ends = spacelike.clone()
+    ends[:, 1:] &= ~spacelike[:, :-1]
+    ends |= ids < OFFSET
+    starts = torch.zeros(ids.shape[0], ids.shape[1] + 1, dtype=torch.bool, device=ids.device)
+    starts[:, 1:] = ends
+    return _first_two(starts)
+
+
+class Patcher(nn.Module):
+    """Base class: `forward(ids [B, T]) -> starts [B, T+1]`; subclasses implement `boundaries`."""
+
+    mode = "?"
+
+    def __init__(self, max_patch_length: int | None = None):
+        super().__init__()
+        self.max_patch_length = max_patch_length
+
+    def boundaries(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, text: str | bytes, bos: bool = True) -> torch.Tensor:
+        """The ids this patcher expects for `text` (only `bpe` differs from `blt.encode`)."""
+        return encode(text, bos=bos)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return limit_patch_length(self.boundaries(ids), self.max_patch_length)
+
+    def patch_lengths(self, ids: torch.Tensor, include_next: bool = False) -> torch.Tensor:
+        """Patch lengths [B, P] of the T bytes (T+1 positions with `include_next`), right-padded with 0."""
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        starts = self(ids)
+        return starts_to_lengths(starts, None if include_next else ids.shape[1])
+
+
+class BytePatcher(Patcher):
+    mode = "byte"
+
+    def boundaries(self, ids):
+        return torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.bool, device=ids.device)
+
+
+class StaticPatcher(Patcher):
+    mode = "static"
+
+    def __init__(self, patch_size: int, max_patch_length: int | None = None):
+        super().__init__(max_patch_length)
+        self.patch_size = int(patch_size)
+
+    def boundaries(self, ids):
+        pos = torch.arange(ids.shape[1] + 1, device=ids.device)
+        starts = ((pos - 1) % self.patch_size == 0).expand(ids.shape[0], -1).clone()
+        return _first_two(starts)
+
+
+class SpacePatcher(Patcher):
+    mode = "space"
+
+    def boundaries(self, ids):
+        return space_starts(ids)
+
+
+class BpePatcher(Patcher):
+    """A patch per BPE token: the ids carry a delimiter before each token (`blt.bpe`)."""
+
+    mode = "bpe"
+
+    def __init__(self, tokenizer=None, max_patch_length: int | None = None):
+        super().__init__(max_patch_length)
+        self.tokenizer = tokenizer
+
+    def encode(self, text, bos=True):
+        from blt.bpe import encode_with_delimiters
+
+        if self.tokenizer is None:
+            raise BltError("this bpe patcher has no tokenizer to insert delimiters with")
+        return torch.tensor(encode_with_delimiters(self.tokenizer, text, bos=bos), dtype=torch.long)
+
+    def boundaries(self, ids):
+        starts = torch.zeros(ids.shape[0], ids.shape[1] + 1, dtype=torch.bool, device=ids.device)
+        starts[:, 1:] = ids == BPE_ID
+        return _first_two(starts)
+
+
+class EntropyPatcher(Patcher):
+    """Entropy patching with an entropy model, computed row by row (no context leaks across a batch)."""
+
+    mode = "entropy"
+
+    def __init__(self, entropy_model: EntropyModel, threshold: float, threshold_add: float | None = None, monotonicity: bool = False, max_patch_length: int | None = None):
+        super().__init__(max_patch_length)
+        self.entropy_model = entropy_model.eval().requires_grad_(False)
+        self.threshold = threshold
+        self.threshold_add = threshold_add
+        self.monotonicity = monotonicity
+
+    def entropies(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.entropy_model.entropies(ids)
+
+    def starts_from_entropies(self, entropies: torch.Tensor) -> torch.Tensor:
+        starts = entropy_starts(entropies, self.threshold, self.threshold_add, self.monotonicity)
+        return limit_patch_length(starts, self.max_patch_length)
+
+    def boundaries(self, ids):
+        return entropy_starts(self.entropies(ids), self.threshold, self.threshold_add, self.monotonicity)
+
+    def train(self, mode: bool = True):
+        # the entropy model is frozen: keep it in eval mode whatever the owner does
+        super().train(mode)
+        self.entropy_model.eval()
+        return self
+
+
+def build_patcher(config: PatchingConfig, entropy_model: EntropyModel | None = None, bpe_tokenizer=None) -> Patcher | None:
+    """The patcher a config describes; None for `entropy` without an entropy model."""
+    m = config.max_patch_length
+    if config.mode == "byte":
+        return BytePatcher(m)
+    if config.mode == "static":
+        return StaticPatcher(int(config.patch_size), m)
+    if config.mode == "space":
+        return SpacePatcher(m)
+    if config.mode == "bpe":
+        return BpePatcher(bpe_tokenizer, m)
+    if entropy_model is None:
+        return None
+    if config.threshold is None:
+        raise BltError("entropy patching needs a threshold (the release's top-k mode is not incremental and is not supported)")
+    return EntropyPatcher(entropy_model, config.threshold, config.threshold_add, config.monotonicity, m)
+
+
+@torch.no_grad()
+def calibrate_threshold(
+    entropy_model: EntropyModel,
+    texts: Sequence[str | bytes | torch.Tensor],
+    target_mean_patch_bytes: float,
+    monotonicity: bool = False,
+    threshold_add: float | None = None,
+    max_patch_length: int | None = None,
+    iterations: int = 40,
+) -> float:
+    """The entropy threshold θ whose patches average `target_mean_patch_bytes` bytes on `texts`.
+
+    Mean patch size = bytes / patches, counted over the bytes of the texts (BOS included). The number
+    of patches only falls as θ rises, so bisection finds it.
+    """
+    if target_mean_patch_bytes < 1:
+        raise BltError(f"the target mean patch size must be >= 1 byte, got {target_mean_patch_bytes}")
+    device = next(entropy_model.parameters()).device
+    rows = [t if isinstance(t, torch.Tensor) else encode(t) for t in texts]
+    if not rows or sum(len(r) for r in rows) == 0:
+        raise BltError("calibrate_threshold needs at least one non-empty text")
+    ents = [entropy_model.entropies(r.to(device)[None])[0] for r in rows]
+    total = sum(len(r) for r in rows)
+
+    def mean_patch(theta: float) -> float:
+        n = 0
+        for e in ents:
+            starts = limit_patch_length(entropy_starts(e[None], theta, threshold_add, monotonicity), max_patch_length)
+            n += int(starts[0, : len(e)].sum())
+        return total / n
+
+    lo = min(float(e.min()) for e in ents) - 1.0
+    if monotonicity:
+        lo = -max(float(e.max()) for e in ents) - 1.0
+    hi = max(float(e.max()) for e in ents) + 1.0
+    if mean_patch(hi) < target_mean_patch_bytes:
+        return hi  # even the largest threshold cannot reach the target: patches are as long as they get
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if mean_patch(mid) < target_mean_patch_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return hi
