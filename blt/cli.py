@@ -22,6 +22,97 @@ def _convert(args) -> None:
     print(f"wrote {args.dst} ({'our format' if args.to == 'ours' else 'transformers BltForCausalLM layout'})")
 
 
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files, directories or globs (.txt, .jsonl with a 'text' field, .gz, any bytes)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl and the final model")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
+    p.add_argument("--max-minutes", type=float, help="stop after this much training time (a checkpoint and the model are written)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (summed over ranks)")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+    p.add_argument("--seq-len", type=int, help="bytes per training sequence")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--eval-every", type=int, help="validate every N steps")
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share (default 0.1)")
+    p.add_argument("--split", choices=["auto", "document", "tail"], default="auto",
+                   help="hold out whole documents, or the tail of each (auto: documents when there are >= 20)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def _overrides(args) -> dict:
+    keys = ("max_steps", "max_minutes", "batch_size", "grad_accum", "seq_len", "lr", "warmup_steps", "eval_every", "ckpt_every", "seed")
+    return {k: getattr(args, k) for k in keys}
+
+
+def _train_entropy(args) -> None:
+    from blt.recipes import train_entropy
+
+    result = train_entropy(args.data, args.out, preset=args.preset, resume=args.resume, val_fraction=args.val_fraction,
+                           split=args.split, device=args.device, **_overrides(args))
+    if result:
+        print(f"entropy model written to {args.out}: validation bpb {result['bpb']:.3f} (unigram {result['unigram_bpb']:.3f})")
+
+
+def _train(args) -> None:
+    from blt.recipes import train_blt
+
+    result = train_blt(args.data, args.out, entropy_model=args.entropy_model, patching=args.patching, target_patch_bytes=args.target_patch_bytes,
+                       threshold=args.threshold, preset=args.preset, resume=args.resume, val_fraction=args.val_fraction, split=args.split,
+                       bpe_vocab=args.bpe_vocab, cache_dir=args.cache_dir, device=args.device, **_overrides(args))
+    if result and "bpb" in result:
+        print(f"BLT written to {args.out}: validation bpb {result['bpb']:.3f} (unigram {result['unigram_bpb']:.3f}), "
+              f"mean patch {result.get('mean_patch_bytes', float('nan')):.2f} bytes")
+
+
+def _eval(args) -> None:
+    import json
+
+    from blt.recipes import evaluate_model
+
+    r = evaluate_model(args.model, args.data, split=args.split, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"bits per byte       {r['bpb']:.4f}")
+        print(f"bytes scored        {r['n_bytes']}")
+        if "mean_patch_bytes" in r:
+            print(f"mean patch bytes    {r['mean_patch_bytes']:.3f}")
+        print(f"inference FLOPs/byte {r['flops_per_byte']:.4g}")
+
+
+def _flops(args) -> None:
+    import json
+
+    from blt.flops import flops_per_byte, format_table
+
+    if args.model:
+        from blt.checkpoint import load_pretrained
+
+        model = load_pretrained(args.model)
+        if not hasattr(model, "local_encoder"):
+            raise BltError(f"{args.model} is an entropy model, not a BLT")
+        config, entropy = model.config, (model.entropy_model.config if model.entropy_model is not None else None)
+    else:
+        from blt.config import BLTConfig
+
+        try:
+            raw = json.loads(open(args.config).read())
+        except json.JSONDecodeError as e:
+            raise BltError(f"{args.config} is not valid JSON: {e}") from None
+        raw.pop("model_type", None)
+        config, entropy = BLTConfig.from_dict(raw), None
+    patch = args.mean_patch_bytes or config.patching.patch_size
+    report = flops_per_byte(config, args.seq_bytes, patch, entropy)
+    if args.json:
+        print(json.dumps({"seq_bytes": args.seq_bytes, "mean_patch_bytes": patch, **report}))
+    else:
+        print(f"FLOPs per byte at {args.seq_bytes} bytes per sequence, {patch:g} bytes per patch\n")
+        print(format_table(report))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blt", description="Byte Latent Transformer: train, evaluate, generate, inspect.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -36,6 +127,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["ours", "hf"], default="ours", help="output layout (default: ours)")
     p.add_argument("--entropy-model", help="entropy model directory, when it does not sit beside the weights")
     p.set_defaults(func=_convert)
+
+    from blt.presets import BLT_PRESETS, ENTROPY_PRESETS
+
+    p = sub.add_parser("train-entropy", help="train the entropy model (a small byte LM)", description="Train the byte-level entropy model whose uncertainty places patch boundaries.")
+    _add_training_options(p)
+    p.add_argument("--preset", choices=list(ENTROPY_PRESETS), default="demo", help="model size and its training defaults (default: demo)")
+    p.set_defaults(func=_train_entropy)
+
+    p = sub.add_parser("train", help="train a BLT from raw text", description=(
+        "Train a Byte Latent Transformer. With entropy patching the threshold is calibrated to --target-patch-bytes on the "
+        "training data unless --threshold is given; entropies are computed once and cached on disk."
+    ))
+    _add_training_options(p)
+    p.add_argument("--entropy-model", help="entropy model directory (needed for --patching entropy)")
+    p.add_argument("--patching", choices=["entropy", "static", "space", "bpe", "byte"], default="entropy")
+    p.add_argument("--target-patch-bytes", type=float, default=4.5, help="mean patch size to calibrate to (static: the stride)")
+    p.add_argument("--threshold", type=float, help="entropy threshold (skips calibration)")
+    p.add_argument("--bpe-vocab", type=int, default=1024, help="vocabulary of the BPE tokenizer for --patching bpe")
+    p.add_argument("--preset", choices=list(BLT_PRESETS), default="demo", help="model size and its training defaults (default: demo)")
+    p.add_argument("--cache-dir", help="where entropies are cached (default: ~/.cache/blt)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="bits per byte of a model on text", description="Bits per byte, mean patch size and FLOPs per byte of a saved model.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--split", choices=["all", "train", "val"], default="all", help="score everything (default) or one side of the training split")
+    p.add_argument("--seq-len", type=int, help="bytes per scored window (default: the training sequence length)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device")
+    p.add_argument("--cache-dir", help="where entropies are cached (default: ~/.cache/blt)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("flops", help="training and inference FLOPs per byte, by component", description=(
+        "FLOPs per byte by component, the paper's way: matmuls at 2mnk, backward = 2x forward, embedding lookups free, "
+        "attention over the keys each query really reads (real context length and window)."
+    ))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory")
+    src.add_argument("--config", help="a BLT config.json")
+    p.add_argument("--seq-bytes", type=int, default=4096, help="bytes per sequence (default 4096)")
+    p.add_argument("--mean-patch-bytes", type=float, help="mean patch size (default: the config's patch_size)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_flops)
     return parser
 
 

@@ -254,33 +254,38 @@ def calibrate_threshold(
     monotonicity: bool = False,
     threshold_add: float | None = None,
     max_patch_length: int | None = None,
-    iterations: int = 40,
 ) -> float:
-    """The entropy threshold θ whose patches average `target_mean_patch_bytes` bytes on `texts`.
-
-    Mean patch size = bytes / patches, counted over the bytes of the texts (BOS included). The number
-    of patches only falls as θ rises, so bisection finds it.
-    """
-    if target_mean_patch_bytes < 1:
-        raise BltError(f"the target mean patch size must be >= 1 byte, got {target_mean_patch_bytes}")
+    """The entropy threshold θ whose patches average `target_mean_patch_bytes` bytes on `texts`."""
     device = next(entropy_model.parameters()).device
     rows = [t if isinstance(t, torch.Tensor) else encode(t) for t in texts]
     if not rows or sum(len(r) for r in rows) == 0:
         raise BltError("calibrate_threshold needs at least one non-empty text")
-    ents = [entropy_model.entropies(r.to(device)[None])[0] for r in rows]
-    total = sum(len(r) for r in rows)
+    entropies = [entropy_model.entropies(r.to(device)[None])[0].cpu() for r in rows]
+    return threshold_for_mean_patch(entropies, target_mean_patch_bytes, monotonicity, threshold_add, max_patch_length)
+
+
+def threshold_for_mean_patch(
+    entropies: Sequence[torch.Tensor],
+    target_mean_patch_bytes: float,
+    monotonicity: bool = False,
+    threshold_add: float | None = None,
+    max_patch_length: int | None = None,
+    iterations: int = 40,
+) -> float:
+    """Bisection for θ over rows of entropies [T_i]: mean patch size = bytes / patches (BOS included).
+
+    The number of patches only falls as θ rises, so bisection finds the target.
+    """
+    if target_mean_patch_bytes < 1:
+        raise BltError(f"the target mean patch size must be >= 1 byte, got {target_mean_patch_bytes}")
+    total = sum(len(e) for e in entropies)
 
     def mean_patch(theta: float) -> float:
-        n = 0
-        for e in ents:
-            starts = limit_patch_length(entropy_starts(e[None], theta, threshold_add, monotonicity), max_patch_length)
-            n += int(starts[0, : len(e)].sum())
+        n = sum(int(limit_patch_length(entropy_starts(e[None], theta, threshold_add, monotonicity), max_patch_length)[0, : len(e)].sum()) for e in entropies)
         return total / n
 
-    lo = min(float(e.min()) for e in ents) - 1.0
-    if monotonicity:
-        lo = -max(float(e.max()) for e in ents) - 1.0
-    hi = max(float(e.max()) for e in ents) + 1.0
+    top = max(float(e.max()) for e in entropies) + 1.0
+    lo, hi = (-top if monotonicity else min(float(e.min()) for e in entropies) - 1.0), top
     if mean_patch(hi) < target_mean_patch_bytes:
         return hi  # even the largest threshold cannot reach the target: patches are as long as they get
     for _ in range(iterations):

@@ -1,0 +1,80 @@
+"""Bits per byte: the summed next-byte cross-entropy in bits divided by the number of predicted bytes.
+
+Targets that are bytes count in both sums. A BPE delimiter (only present with the `bpe` patcher) is
+part of what the model must predict to produce the text, so its bits count while it adds no byte.
+BOS/EOS targets (document framing) are left out of both.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from blt.entropy_model import EntropyModel
+from blt.patching import EntropyPatcher, Patcher
+from blt.tokenizer import BPE_ID, OFFSET
+
+
+def windows(stream_len: int, seq_len: int) -> list[tuple[int, int]]:
+    """Non-overlapping input windows [s, e) covering every predicted position of a stream."""
+    last = stream_len - 1  # the last id has no target
+    return [(s, min(s + seq_len, last)) for s in range(0, last, seq_len)]
+
+
+def patch_starts_for(patcher: Patcher, ids: torch.Tensor, entropies: torch.Tensor | None) -> torch.Tensor:
+    """Patch starts of a batch, from precomputed entropies when the patcher is entropy-based."""
+    if isinstance(patcher, EntropyPatcher) and entropies is not None:
+        return patcher.starts_from_entropies(entropies)
+    return patcher(ids)
+
+
+@torch.no_grad()
+def evaluate_stream(model, stream: np.ndarray, seq_len: int, batch_size: int = 8, entropies: np.ndarray | None = None,
+                    max_windows: int | None = None, autocast=None) -> dict:
+    """bpb of `model` (a BLT or a byte LM such as the entropy model) over `stream`."""
+    was_training = model.training
+    model.eval()
+    device = next(p for n, p in model.named_parameters() if not n.startswith("patcher.")).device
+    spans = windows(len(stream), seq_len)[:max_windows]
+    bits = 0.0
+    n_bytes = n_positions = n_patches = 0
+    by_len: dict[int, list[tuple[int, int]]] = {}
+    for s, e in spans:
+        by_len.setdefault(e - s, []).append((s, e))
+    for length, group in by_len.items():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            ids = torch.from_numpy(np.stack([stream[s:e] for s, e in chunk]).astype(np.int64))
+            targets = torch.from_numpy(np.stack([stream[s + 1 : e + 1] for s, e in chunk]).astype(np.int64))
+            with autocast() if autocast else nullcontext():
+                if isinstance(model, EntropyModel):
+                    logits = model(ids.to(device))
+                else:
+                    ent = torch.from_numpy(np.stack([entropies[s:e] for s, e in chunk]).astype(np.float32)) if entropies is not None else None
+                    starts = patch_starts_for(model.patcher, ids, ent)
+                    n_patches += int(starts[:, :length].sum())
+                    logits = model(ids.to(device), patch_starts=starts.to(device))
+            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="none").view_as(targets)
+            counted = (targets >= OFFSET) | (targets == BPE_ID)
+            bits += float(nll[counted.to(device)].sum()) / math.log(2)
+            n_bytes += int((targets >= OFFSET).sum())
+            n_positions += ids.numel()
+    model.train(was_training)
+    out = {"bpb": bits / max(n_bytes, 1), "n_bytes": n_bytes, "bits": bits}
+    if n_patches:
+        out["mean_patch_bytes"] = n_positions / n_patches
+        out["n_patches"] = n_patches
+    return out
+
+
+def unigram_bpb(train_stream: np.ndarray, eval_stream: np.ndarray) -> float:
+    """bpb of a unigram byte model fitted on the training bytes (add-one smoothing): the reference
+    a model must beat to have learned anything beyond byte frequencies."""
+    counts = np.bincount(train_stream[train_stream >= OFFSET].astype(np.int64) - OFFSET, minlength=256) + 1.0
+    logp = np.log2(counts / counts.sum())
+    eval_bytes = eval_stream[eval_stream >= OFFSET].astype(np.int64) - OFFSET
+    return float(-logp[eval_bytes].mean())
