@@ -23,7 +23,7 @@ from blt.evaluate import evaluate_stream, patch_starts_for, unigram_bpb
 from blt.model import BLT, init_weights
 from blt.patching import build_patcher, threshold_for_mean_patch
 from blt.presets import blt_preset, entropy_preset
-from blt.train import Dist, TrainConfig, latest_checkpoint, lm_loss, setup_distributed, train_loop
+from blt.train import TrainConfig, latest_checkpoint, lm_loss, log_metrics, setup_distributed, train_loop
 
 DEFAULT_CACHE = Path.home() / ".cache" / "blt"
 
@@ -43,6 +43,13 @@ def _prepare_run_dir(out: Path, resume: bool) -> dict | None:
 def _train_config(hyper, overrides: dict) -> TrainConfig:
     base = TrainConfig(seq_len=hyper.seq_len, batch_size=hyper.batch_size, lr=hyper.lr, warmup_steps=hyper.warmup_steps, max_steps=hyper.max_steps)
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def log_final(out: Path, result: dict) -> None:
+    """The full validation of the final model, logged at the last step."""
+    records = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    step = max((json.loads(r).get("step", 0) for r in records if r), default=0)
+    log_metrics(out, {"step": step, "final": True, **{f"val_{k}": v for k, v in result.items()}})
 
 
 def _split_streams(paths, val_fraction, split, encode_doc=None):
@@ -86,6 +93,7 @@ def train_entropy(data: list[str], out: str | Path, preset: str = "demo", resume
         if len(val_stream) > 1:
             result = evaluate_stream(model, val_stream, cfg.seq_len)
             result["unigram_bpb"] = unigram_bpb(train_stream, val_stream)
+            log_final(out, result)
         save_json(result, out / "summary.json")
     return result
 
@@ -138,7 +146,7 @@ def train_blt(data: list[str], out: str | Path, entropy_model: str | Path | None
         val_ent = cached_entropies(em, val_stream, cache_dir, progress=progress and d.main) if len(val_stream) else None
     if not saved:
         if patching == "entropy" and threshold is None:
-            rows = [torch.from_numpy(np.asarray(train_ent[s : s + cfg.seq_len])) for s in range(0, min(len(train_ent), 512 * cfg.seq_len), cfg.seq_len)]
+            rows = [torch.from_numpy(np.array(train_ent[s : s + cfg.seq_len])) for s in range(0, min(len(train_ent), 512 * cfg.seq_len), cfg.seq_len)]
             threshold = threshold_for_mean_patch(rows, target_patch_bytes)
         config = replace(config, patching=PatchingConfig(mode=patching, patch_size=round(target_patch_bytes) if patching == "static" else target_patch_bytes,
                                                          threshold=threshold if patching == "entropy" else None))
@@ -170,6 +178,7 @@ def train_blt(data: list[str], out: str | Path, entropy_model: str | Path | None
         if len(val_stream) > 1:
             result = evaluate_stream(model, val_stream, cfg.seq_len, entropies=val_ent)
             result["unigram_bpb"] = unigram_bpb(train_stream, val_stream)
+            log_final(out, result)
         result["threshold"] = config.patching.threshold
         result["params"] = model.num_params()
         save_json(result, out / "summary.json")

@@ -221,6 +221,8 @@ def train_loop(
     out = Path(out)
     if cfg.batch_size % d.world:
         raise BltError(f"batch size {cfg.batch_size} is not divisible by the {d.world} ranks")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     model.to(d.device)
     optimizer = make_optimizer(model, cfg)

@@ -1,0 +1,123 @@
+"""`blt demo`: the whole job on a corpus every Python installation carries.
+
+The corpus is the standard library's own documentation: the help topics of `pydoc_data.topics` (what
+`help("if")` prints), cut into sections. It trains a small entropy model, calibrates the entropy
+threshold to 4.5-byte patches, trains a small BLT on the same text, and reports validation bits per
+byte next to a unigram byte model's, the mean patch size, and a generated sample. Everything lands in
+`runs/demo/`, and every step is one of the `blt` commands, so the run can be repeated piece by piece.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blt.tokenizer import encode
+
+SAMPLE_PROMPT = "The if statement is used for"
+SECTION_BYTES = 3000
+
+
+def stdlib_corpus() -> list[tuple[str, str]]:
+    """(name, text) documents: pydoc's help topics cut at blank lines into ~3 KB sections; the
+    standard library's module docstrings when pydoc_data is missing (some distributions strip it)."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        topics = {}
+    docs = []
+    for name in sorted(topics):
+        section, n = [], 0
+        for para in topics[name].split("\n\n"):
+            section.append(para)
+            if sum(len(p) for p in section) > SECTION_BYTES:
+                docs.append((f"{name}-{n}", "\n\n".join(section)))
+                section, n = [], n + 1
+        if section:
+            docs.append((f"{name}-{n}", "\n\n".join(section)))
+    if not docs:
+        import pkgutil
+        import importlib
+
+        for mod in sorted(m.name for m in pkgutil.iter_modules() if not m.name.startswith("_"))[:400]:
+            try:
+                doc = importlib.import_module(mod).__doc__
+            except Exception:  # importing arbitrary stdlib modules may fail for many reasons
+                continue
+            if doc and len(doc) > 200:
+                docs.append((mod, doc))
+    return docs
+
+
+def write_corpus(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, (name, text) in enumerate(stdlib_corpus()):
+        (directory / f"{i:04d}-{name}.txt").write_text(text, encoding="utf-8")
+    return directory
+
+
+def run_demo(out: str | Path = "runs/demo", entropy_steps: int = 300, blt_steps: int = 220, quiet: bool = False) -> dict:
+    from blt.checkpoint import load_pretrained
+    from blt.data import build_stream, read_documents, split_documents, stream_entropies
+    from blt.evaluate import unigram_bpb
+    from blt.generation import generate_recompute
+    from blt.recipes import train_blt, train_entropy
+    from blt.visualize import loss_curves_png, patch_html, patch_png
+
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    start = time.time()
+    out = Path(out)
+    if out.exists():
+        say(f"replacing the previous demo run in {out}")
+        shutil.rmtree(out)
+    corpus = write_corpus(out / "corpus")
+    docs = read_documents([corpus])
+    train_docs, val_docs = split_documents(docs)
+    say(f"corpus: the standard library's help topics, {sum(len(d.data) for d in docs) / 1e3:.0f} KB in {len(docs)} sections "
+        f"({len(val_docs)} held out for validation)")
+
+    say("\n[1/3] training the entropy model (a small byte LM)")
+    ent = train_entropy([str(corpus)], out / "entropy", preset="demo", max_steps=entropy_steps, device="cpu", progress=not quiet)
+    say(f"      validation bpb {ent['bpb']:.3f}")
+
+    say("\n[2/3] training BLT (entropy patching, threshold calibrated to 4.5-byte patches)")
+    res = train_blt([str(corpus)], out / "blt", entropy_model=out / "entropy", preset="demo", max_steps=blt_steps, device="cpu",
+                    cache_dir=out / "cache", progress=not quiet)
+
+    say("\n[3/3] sampling and drawing patches")
+    model = load_pretrained(out / "blt")
+    sample = generate_recompute(model, [SAMPLE_PROMPT], max_new_bytes=160, temperature=0.7, top_k=20, seed=0)[0]
+
+    text = val_docs[0].data[:240]
+    ids = encode(text)
+    entropies = stream_entropies(model.entropy_model, np.asarray(ids.tolist() + [2], dtype=np.int16))[:-1]
+    starts = model.patcher.starts_from_entropies(torch.from_numpy(entropies)[None])[0]
+    byte_starts, byte_entropy = starts[1 : len(ids)].tolist(), entropies[:-1].tolist()  # drop BOS: H[i] predicts byte i
+    threshold = model.patcher.threshold
+    (out / "patches.html").write_text(patch_html(text, byte_starts, byte_entropy, threshold, "BLT entropy patches (demo)"), encoding="utf-8")
+    patch_png(out / "patches.png", text[:96], byte_starts, byte_entropy, threshold, "Entropy of each byte under the demo entropy model")
+    loss_curves_png(out / "loss.png", {"entropy model": out / "entropy", "BLT": out / "blt"})
+
+    train_stream, val_stream = build_stream(train_docs), build_stream(val_docs)
+    unigram = unigram_bpb(train_stream, val_stream)
+    minutes = (time.time() - start) / 60
+    say("\n" + "=" * 72)
+    say(f"validation bits per byte   BLT {res['bpb']:.3f}   entropy model {ent['bpb']:.3f}   unigram bytes {unigram:.3f}")
+    say(f"mean patch size            {res['mean_patch_bytes']:.2f} bytes (threshold {threshold:.3f} nats)")
+    say(f"parameters                 BLT {res['params'] / 1e6:.2f} M")
+    say(f"sample  {SAMPLE_PROMPT!r} ->")
+    say("        " + (SAMPLE_PROMPT + sample.decode("utf-8", errors="replace")).replace("\n", "\n        "))
+    say(f"written  {out}/entropy/  {out}/blt/  {out}/patches.html  {out}/patches.png  {out}/loss.png")
+    say(f"done in {minutes:.1f} minutes")
+    return {"bpb": res["bpb"], "entropy_bpb": ent["bpb"], "unigram_bpb": unigram, "mean_patch_bytes": res["mean_patch_bytes"],
+            "sample": sample, "minutes": minutes}
+
+
+if __name__ == "__main__":
+    run_demo()
+    sys.exit(0)

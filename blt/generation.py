@@ -1,0 +1,113 @@
+"""Byte-by-byte generation.
+
+`generate_recompute` is the reference: it runs the whole model over the whole prefix for every new
+byte, as the release does. The cached path (`blt.inference`) must produce exactly what it produces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from blt.errors import BltError
+from blt.tokenizer import BOE_ID, BOS_ID, BPE_ID, EOS_ID, OFFSET, VOCAB_SIZE, to_bytes
+
+
+def check_generation_args(prompts, max_new_bytes: int, temperature: float, top_k, top_p) -> list[bytes]:
+    if isinstance(prompts, (str, bytes, bytearray)):
+        raise BltError("prompts must be a list of str or bytes (wrap a single prompt in a list)")
+    if not isinstance(max_new_bytes, int) or max_new_bytes <= 0:
+        raise BltError(f"max_new_bytes must be a positive integer, got {max_new_bytes!r}")
+    if temperature < 0:
+        raise BltError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise BltError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise BltError(f"top_p must be in (0, 1], got {top_p}")
+    return [to_bytes(p) for p in prompts]
+
+
+def allowed_ids(stop_at_eos: bool, bpe: bool, device=None) -> torch.Tensor:
+    """[V] bool: the ids generation may produce. Bytes always; EOS only when it ends generation; the
+    BPE delimiter only for a `bpe`-patched model, which needs it to open patches (it is never output)."""
+    allowed = torch.zeros(VOCAB_SIZE, dtype=torch.bool, device=device)
+    allowed[OFFSET:] = True
+    allowed[EOS_ID] = stop_at_eos
+    allowed[BPE_ID] = bpe
+    assert not allowed[BOE_ID] and not allowed[BOS_ID]
+    return allowed
+
+
+def row_generators(seed: int | None, rows: int) -> list[torch.Generator | None]:
+    """One generator per row, all seeded alike: a row samples exactly what it samples alone."""
+    return [torch.Generator().manual_seed(seed) if seed is not None else None for _ in range(rows)]
+
+
+def sample_next(logits: torch.Tensor, allowed: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One id per row of `logits` [B, V]: greedy at temperature 0, else top-k / top-p sampling with
+    each row's own generator."""
+    logits = logits.float().masked_fill(~allowed, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens before it already reach top_p
+        drop = probs.cumsum(-1) - probs > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1).cpu()
+    picks = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
+    return torch.cat(picks).to(logits.device)
+
+
+class StopChecker:
+    """Ends a row at EOS or when its new bytes end with one of the stop strings (which is cut off)."""
+
+    def __init__(self, stop: Sequence[str | bytes] | None):
+        self.stops = [to_bytes(s) for s in (stop or []) if s]
+
+    def cut(self, new: bytes) -> int | None:
+        """Length to keep if `new` ends with a stop string, else None."""
+        for s in self.stops:
+            if new.endswith(s):
+                return len(new) - len(s)
+        return None
+
+
+@torch.no_grad()
+def generate_recompute(model, prompts: Sequence[str | bytes], max_new_bytes: int, temperature: float = 0.0, top_k: int | None = None,
+                       top_p: float | None = None, seed: int | None = None, stop: Sequence[str | bytes] | None = None,
+                       stop_at_eos: bool = True, return_logits: bool = False):
+    """Generate by running the full model over the full prefix for every byte (the exact reference)."""
+    prompts = check_generation_args(prompts, max_new_bytes, temperature, top_k, top_p)
+    device = next(p for n, p in model.named_parameters() if not n.startswith("patcher.")).device
+    bpe = getattr(model.patcher, "mode", None) == "bpe"
+    allowed = allowed_ids(stop_at_eos, bpe, device)
+    stopper = StopChecker(stop)
+    outputs, all_logits = [], []
+    for prompt in prompts:
+        generators = row_generators(seed, 1)
+        ids = model.encode(prompt).tolist()
+        new, steps = bytearray(), []
+        while len(new) < max_new_bytes:
+            logits = model(torch.tensor([ids], device=device))[0, -1]
+            steps.append(logits.float().cpu())
+            nxt = int(sample_next(logits[None], allowed, temperature, top_k, top_p, generators)[0])
+            if nxt == EOS_ID:
+                break
+            ids.append(nxt)
+            if nxt >= OFFSET:
+                new.append(nxt - OFFSET)
+                keep = stopper.cut(bytes(new))
+                if keep is not None:
+                    del new[keep:]
+                    break
+        outputs.append(bytes(new))
+        all_logits.append(torch.stack(steps) if steps else torch.zeros(0, VOCAB_SIZE))
+    return (outputs, all_logits) if return_logits else outputs

@@ -1,0 +1,190 @@
+"""The training loop: exact resume, atomic checkpoints, and clear errors from the command line."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import blt
+import blt.train
+from blt.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, main
+from blt.config import PatchingConfig
+from blt.data import Document, PackedSequences, build_stream, stream_entropies
+from blt.evaluate import patch_starts_for
+from blt.train import Interrupted, TrainConfig, latest_checkpoint, lm_loss, train_loop
+from tests.conftest import TEXT, median_threshold, random_entropy_model, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def corpus_file(tmp_path, repeat=6):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(f"{i}: {TEXT}" for i in range(repeat)))
+    return path
+
+
+def blt_job(seed=0):
+    """A tiny BLT with entropy patching and its data, built deterministically."""
+    em = random_entropy_model()
+    stream = build_stream([Document("a", (TEXT * 6).encode())])
+    entropies = stream_entropies(em, stream)
+    theta = median_threshold(em, torch.from_numpy(stream[:200].astype(np.int64))[None])
+    torch.manual_seed(seed)
+    patcher = blt.EntropyPatcher(em, theta)
+    model = blt.BLT(tiny_config(patching=PatchingConfig(mode="entropy", threshold=theta)), patcher=patcher)
+
+    def forward(m, batch):
+        starts = patch_starts_for(patcher, batch["ids"], batch["entropies"])
+        return lm_loss(m(batch["ids"], patch_starts=starts), batch["targets"])
+
+    return model, PackedSequences(stream, 64, entropies), forward
+
+
+CFG = TrainConfig(seq_len=64, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2, max_steps=8, ckpt_every=100, log_every=1, eval_every=1000)
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    reference, data, forward = blt_job()
+    train_loop(reference, data, CFG, straight, forward, progress=False)
+
+    model, data, forward = blt_job()
+    with pytest.raises(Interrupted, match="interrupted at step 4"):
+        train_loop(model, data, CFG, broken, forward, progress=False, on_step=lambda s: s == 4 and signal.raise_signal(signal.SIGINT))
+    assert latest_checkpoint(broken).name == "step-00000004"
+    assert len(losses(broken)) == 4
+    resumed, data, forward = blt_job(seed=123)  # a different init: everything must come from the checkpoint
+    train_loop(resumed, data, CFG, broken, forward, resume=True, progress=False)
+
+    assert len(losses(broken)) == 8
+    assert np.allclose(losses(broken), losses(straight), atol=1e-6, rtol=0)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert (a - b).abs().max() <= 1e-6, name
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    model, data, forward = blt_job()
+    cfg = TrainConfig(**{**CFG.__dict__, "ckpt_every": 2, "keep_checkpoints": 5})
+    real_save = blt.train.save_file
+    calls = {"n": 0}
+
+    def failing_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(blt.train, "save_file", failing_save)
+    with pytest.raises(blt.BltError, match="No space left on device; the previous checkpoint .*step-00000002 is intact"):
+        train_loop(model, data, cfg, tmp_path, forward, progress=False)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step-00000002"]  # no half-written directory left behind
+    assert latest_checkpoint(tmp_path).name == "step-00000002"
+    assert set(load_file(tmp_path / "checkpoints" / "step-00000002" / "model.safetensors")) == {
+        k for k in model.state_dict() if not k.startswith("patcher.")
+    }
+
+
+def run_cli(*args, expect):
+    code = main([str(a) for a in args])
+    assert code == expect
+    return code
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no-documents", "too-short", "not-a-model"])
+def test_cli_bad_input_is_one_line(tmp_path, capsys, case):
+    out = tmp_path / "out"
+    if case == "missing":
+        args = ["train-entropy", "--data", tmp_path / "nope.txt", "--out", out, "--preset", "tiny"]
+        message = "no such file or directory"
+    elif case == "empty":
+        (tmp_path / "e.txt").write_text("")
+        args = ["train-entropy", "--data", tmp_path / "e.txt", "--out", out, "--preset", "tiny"]
+        message = "is empty"
+    elif case == "no-documents":
+        (tmp_path / "d").mkdir()
+        args = ["train", "--data", tmp_path / "d", "--out", out, "--preset", "tiny", "--patching", "static"]
+        message = "no documents"
+    elif case == "too-short":
+        (tmp_path / "s.txt").write_text("short text")
+        args = ["train", "--data", tmp_path / "s.txt", "--out", out, "--preset", "tiny", "--patching", "space"]
+        message = "fewer than one sequence"
+    else:
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "notes.txt").write_text("hello")
+        args = ["eval", "--model", tmp_path / "m", "--data", corpus_file(tmp_path)]
+        message = "is not a model directory"
+    run_cli(*args, expect=EXIT_USER_ERROR)
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, capsys):
+    data = corpus_file(tmp_path)
+    common = ["train", "--data", data, "--out", tmp_path / "r", "--preset", "tiny", "--patching", "space", "--max-steps", "2", "--seq-len", "64"]
+    run_cli(*common[:-4], "--resume", expect=EXIT_USER_ERROR)
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    run_cli(*common, expect=0)
+    before = (tmp_path / "r" / "model.safetensors").read_bytes()
+    run_cli(*common, expect=EXIT_USER_ERROR)
+    assert "already holds a training run" in capsys.readouterr().err
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == before  # nothing lost
+
+
+def test_cli_checkpoint_failure_exits_cleanly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(blt.train, "save_file", lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))
+    run_cli("train-entropy", "--data", corpus_file(tmp_path), "--out", tmp_path / "r", "--preset", "tiny", "--max-steps", "3", "--seq-len", "64",
+            expect=EXIT_USER_ERROR)
+    err = capsys.readouterr().err
+    assert "could not write a checkpoint" in err and "Permission denied" in err and "no earlier checkpoint exists" in err
+
+
+def test_sigint_then_resume_from_the_command_line(tmp_path):
+    """A real `blt train` process, interrupted with SIGINT, then resumed, ends with the same weights
+    and losses as an uninterrupted run."""
+    data = corpus_file(tmp_path, repeat=30)
+    args = ["--data", str(data), "--preset", "tiny", "--patching", "static", "--max-steps", "60", "--seq-len", "256",
+            "--batch-size", "8", "--log-every", "1", "--ckpt-every", "1000", "--eval-every", "1000", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "blt.cli", "train"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(cmd + args + ["--out", str(tmp_path / "straight")], check=True, capture_output=True, env=env, cwd=tmp_path)
+
+    proc = subprocess.Popen(cmd + args + ["--out", str(tmp_path / "broken")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    metrics = tmp_path / "broken" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_INTERRUPTED, err.decode()
+    assert b"interrupted at step" in err and b"Traceback" not in err
+    assert len(metrics.read_text().splitlines()) < 60, "the run finished before the signal: nothing was tested"
+    subprocess.run(cmd + args + ["--out", str(tmp_path / "broken"), "--resume"], check=True, capture_output=True, env=env, cwd=tmp_path)
+
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "broken" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "broken") == losses(tmp_path / "straight")
+
+
+def test_flops_command_matches_the_hand_count(tmp_path, capsys):
+    from tests.test_flops import HAND, hand_config
+
+    (tmp_path / "c.json").write_text(json.dumps(hand_config().to_dict()))
+    run_cli("flops", "--config", tmp_path / "c.json", "--seq-bytes", 8, "--mean-patch-bytes", 2, "--json", expect=0)
+    report = json.loads(capsys.readouterr().out)
+    expected = sum(v for k, v in HAND.items() if k != "entropy_model")  # a config file carries no entropy model
+    assert report["inference_total"] == pytest.approx(expected) and report["training_total"] == pytest.approx(3 * expected)
