@@ -8,11 +8,12 @@ The paper's accounting:
 
 Attention is counted over the keys a query really reads ("masked"): in a causal self-attention of
 window W over L positions, query t reads min(t+1, W) keys; a patch's k encoder queries read the bytes
-of that patch; a decoder byte reads the k keys of one patch. The implementation instead runs
-`scaled_dot_product_attention` with dense boolean masks, which multiplies every query by every key
-("dense"): T x T byte self-attention, P*k x T encoder and T x P*k decoder cross-attention.
-`executed_forward_flops` counts that, and equals `torch.utils.flop_counter.FlopCounterMode`'s count of
-a forward pass (the tests check it).
+of that patch; a decoder byte reads the k keys of one patch. The kernels do a little more ("executed"):
+a self-attention scores every key of the sequence when it fits in two windows, and otherwise blocks of
+ceil(W/2) queries against the 3 blocks the window reaches; the encoder's patch attention scores each
+byte against its patch's k queries with one matmul and sums values with a scatter-add, which is not a
+matmul. `executed_forward_flops` counts the matmuls a forward pass runs, and equals
+`torch.utils.flop_counter.FlopCounterMode`'s count (the tests check it).
 
 Everything is plain arithmetic on the config: one `block_flops` for the one `TransformerBlock`, one
 `cross_attention_flops` for the one `CrossAttention`, and one `_sequence_flops` that lays the BLT out.
@@ -32,7 +33,7 @@ COMPONENTS = (
     "local_decoder",
     "head",
 )
-ATTENTION_MODES = ("masked", "dense")
+ATTENTION_MODES = ("masked", "executed")
 
 
 def matmul(m: float, k: float, n: float) -> float:
@@ -43,13 +44,20 @@ def matmul(m: float, k: float, n: float) -> float:
 def self_attention_keys(seq_len: float, window: int | None = None, attention: str = "masked") -> float:
     """Keys one query reads, averaged over the `seq_len` queries of a causal self-attention.
 
-    masked: mean over t = 0..L-1 of min(t+1, W) (W = None: no window), i.e. (L+1)/2 without a window.
-    dense:  L, since SDPA with a mask still scores every key.
+    masked:   mean over t = 0..L-1 of min(t+1, W) (W = None: no window), i.e. (L+1)/2 without a window.
+    executed: L when the sequence fits in two windows (a dense or is_causal kernel scores every key);
+              otherwise blocks of S = ceil(W/2) queries score (R+1)*S keys, R = ceil(W/S), with the
+              queries padded to whole blocks (see `blt.transformer.windowed_attention`).
     """
     if attention not in ATTENTION_MODES:
         raise BltError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-    if attention == "dense":
-        return seq_len
+    if attention == "executed":
+        if window is None or seq_len <= 2 * window:
+            return seq_len
+        size = max(1, (window + 1) // 2)
+        reach = -(-window // size)
+        n_blocks = -(-int(seq_len) // size)
+        return n_blocks * size * (reach + 1) * size / seq_len
     w = seq_len if window is None else min(window, seq_len)
     # the first w queries read 1, 2, ..., w keys; the other L - w read w each
     return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
@@ -66,10 +74,12 @@ def block_flops(dim: int, n_heads: int, n_kv_heads: int | None, ffn_dim: int, ke
     return projections + attention + ffn
 
 
-def cross_attention_flops(dim: int, n_queries: float, n_kv: float, keys_per_query: float) -> float:
+def cross_attention_flops(dim: int, n_queries: float, n_kv: float, keys_per_query: float, weighted_sum: bool = True) -> float:
     """Forward FLOPs of one `CrossAttention` (heads * head_dim = dim, so the head count drops out):
-    wq and wo on every query, wk and wv on every key/value row, and QK^T + AV for every query."""
-    return 2 * matmul(n_queries, dim, dim) + 2 * matmul(n_kv, dim, dim) + 2 * matmul(n_queries, dim, keys_per_query)
+    wq and wo on every query, wk and wv on every key/value row, and QK^T (+ AV when the weighted sum is
+    a matmul) for every query."""
+    scores = matmul(n_queries, dim, keys_per_query)
+    return 2 * matmul(n_queries, dim, dim) + 2 * matmul(n_kv, dim, dim) + scores * (2 if weighted_sum else 1)
 
 
 def dense_transformer_flops(
@@ -104,11 +114,10 @@ def _sequence_flops(config: BLTConfig, n_bytes: float, n_patches: float, attenti
     d_enc, d_glob, d_dec = c.dim_local_encoder, c.dim_global, c.dim_local_decoder
     ffn_enc, ffn_glob, ffn_dec = c.ffn_dims
     window = c.local_attention_window_len
-    if attention == "masked":
-        enc_cross_keys = T / P  # each of a patch's k queries reads the bytes of its own patch
-        dec_cross_keys = k  # each byte reads the k keys of one patch
-    else:
-        enc_cross_keys, dec_cross_keys = T, P * k
+    # encoder: each of a patch's k queries reads the bytes of its own patch; executed, that is one
+    # score per (byte, query of its patch) and a scatter-add for the values (not a matmul)
+    enc_cross_keys, enc_weighted_sum = T / P, attention == "masked"
+    dec_cross_keys = k  # each byte reads the k keys of one patch, masked and executed alike
     n_cross_enc = c.n_layers_local_encoder if c.cross_attn_all_layers_encoder else 1
     n_cross_dec = c.n_layers_local_decoder if c.cross_attn_all_layers_decoder else 1
     in_proj = matmul(P, c.global_input_dim, d_glob) if c.global_input_dim != d_glob else 0
@@ -117,7 +126,7 @@ def _sequence_flops(config: BLTConfig, n_bytes: float, n_patches: float, attenti
             d_enc, c.n_layers_local_encoder, c.n_heads_local_encoder, c.n_kv_heads, ffn_enc, 0, T, window, attention
         ),
         # max-pool (free), then patch_projection d -> k*d once per patch; queries P*k, keys/values: the T bytes
-        "encoder_cross_attention": matmul(P, d_enc, k * d_enc) + n_cross_enc * cross_attention_flops(d_enc, P * k, T, enc_cross_keys),
+        "encoder_cross_attention": matmul(P, d_enc, k * d_enc) + n_cross_enc * cross_attention_flops(d_enc, P * k, T, enc_cross_keys, enc_weighted_sum),
         # the global transformer runs once per patch, causal over all patches (no window)
         "global_transformer": in_proj + P * dense_transformer_flops(
             d_glob, c.n_layers_global, c.n_heads_global, c.n_kv_heads_global, ffn_glob, 0, P, None, attention
@@ -170,11 +179,11 @@ def executed_forward_flops(
 ) -> dict[str, int]:
     """Matmul FLOPs that one forward pass of `blt.BLT` executes on one sequence of `seq_bytes` bytes
     with `num_patches` patches (the model's count, which includes the slot of the byte after the
-    sequence), per component: attention is dense, as SDPA computes it under a mask. Pass
+    sequence), per component, as the kernels run them (see the module docstring). Pass
     `entropy_config` when the entropy model runs in that forward (an `EntropyPatcher`, no explicit
     patches). Equals `FlopCounterMode`'s total with SDPA counted as its math backend does."""
-    totals = _sequence_flops(config, seq_bytes, num_patches, "dense")
-    entropy = seq_bytes * entropy_model_flops(entropy_config, seq_bytes, "dense") if entropy_config is not None else 0
+    totals = _sequence_flops(config, seq_bytes, num_patches, "executed")
+    entropy = seq_bytes * entropy_model_flops(entropy_config, seq_bytes, "executed") if entropy_config is not None else 0
     return {"entropy_model": entropy, **totals}
 
 

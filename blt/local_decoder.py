@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from blt.config import BLTConfig
-from blt.masks import decoder_cross_mask
 from blt.transformer import CrossAttention, RotaryEmbedding, TransformerBlock
 
 
@@ -40,13 +39,13 @@ class LocalDecoder(nn.Module):
         """Global outputs [B, P, D_global] -> k key/value vectors per patch [B, P*k, D]."""
         return self.patch_projection(global_out).unflatten(-1, (self.k, -1)).flatten(1, 2)
 
-    def forward(self, h: torch.Tensor, global_out: torch.Tensor, dec_patch_ids: torch.Tensor, self_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, global_out: torch.Tensor, dec_patch_ids: torch.Tensor, self_mask) -> torch.Tensor:
         """h: encoder byte states [B, T, D]; dec_patch_ids [B, T]: the patch byte t reads -> logits [B, T, V]."""
-        keys = self.patch_keys(global_out)
-        cross_mask = decoder_cross_mask(dec_patch_ids, global_out.shape[1], self.k)
+        slots = self.patch_keys(global_out)
         rope = self.rope(torch.arange(h.shape[1], device=h.device))
         for i, layer in enumerate(self.layers):
             if self.has_cross_attn(i):
-                h = h + self.cross_attn[i if self.cross_all_layers else 0](h, keys, mask=cross_mask)
+                cross = self.cross_attn[i if self.cross_all_layers else 0]
+                h = h + cross.read(h, cross.patch_kv(slots, self.k), dec_patch_ids)
             h = layer(h, rope, mask=self_mask, is_causal=self_mask is None)
         return self.output(self.norm(h))

@@ -15,7 +15,6 @@ from torch import nn
 
 from blt.config import BLTConfig
 from blt.hash_embeddings import HashNgramEmbedding
-from blt.masks import encoder_cross_mask
 from blt.transformer import CrossAttention, RotaryEmbedding, TransformerBlock
 
 
@@ -61,20 +60,15 @@ class LocalEncoder(nn.Module):
         pooled = self.patch_projection(max_pool_patches(h, byte_patch_ids, num_patches))
         return pooled.unflatten(-1, (self.k, -1)).flatten(1, 2)
 
-    def forward(self, ids: torch.Tensor, byte_patch_ids: torch.Tensor, num_patches: int, self_mask: torch.Tensor | None):
+    def forward(self, ids: torch.Tensor, byte_patch_ids: torch.Tensor, num_patches: int, self_mask):
         """-> byte states [B, T, D] and patch representations [B, P, k*D]."""
         h = self.embed(ids)
         rope = self.rope(torch.arange(ids.shape[1], device=ids.device))
-        cross_mask = encoder_cross_mask(byte_patch_ids, num_patches, self.k)  # [B, 1, P*k, T]
-        # a patch with no byte (padding, or the slot of the byte after the sequence) attends to nothing
-        has_bytes = cross_mask.any(-1).transpose(1, 2)  # [B, P*k, 1]
-        cross_mask = cross_mask | ~has_bytes.unsqueeze(1)
         queries = None
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, mask=self_mask, is_causal=self_mask is None)
             if self.has_cross_attn(i):
                 if queries is None:
                     queries = self.init_queries(h, byte_patch_ids, num_patches)
-                attended = self.cross_attn[i if self.cross_all_layers else 0](queries, h, mask=cross_mask)
-                queries = queries + torch.where(has_bytes, attended, queries)
+                queries = queries + self.cross_attn[i if self.cross_all_layers else 0].pool(queries, h, byte_patch_ids, self.k)
         return h, queries.unflatten(1, (num_patches, self.k)).flatten(2)

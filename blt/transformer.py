@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blt.masks import LocalMask
+
 
 def ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
     """The release's SwiGLU width: 2/3 of 4*dim, scaled, rounded up to a multiple of `multiple_of`."""
@@ -22,31 +24,84 @@ def ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float |
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for arbitrary positions, computed in float32."""
+    """Rotations e^{i·pos·θ_j} for arbitrary positions, as complex64 [..., T, hd/2]."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
         self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [..., T, hd/2]
-        return freqs.cos(), freqs.sin()
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.float().unsqueeze(-1) * self.inv_freq
+        return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of `x` [B, T, H, hd]; cos/sin are [T, hd/2] or [B, T, hd/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate the adjacent pairs (x[2i], x[2i+1]) of `x` [B, T, H, hd], as complex numbers, by
+    `rotation` [T, hd/2] or [B, T, hd/2] (the release's pairing; a complex multiply is one kernel)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation.unsqueeze(-2)).flatten(-2).type_as(x)
+
+
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LocalMask) -> torch.Tensor:
+    """Sliding-window attention in blocks: q, k, v [B, H, T, hd]; each block of queries attends to its
+    own keys and those of the blocks that the window reaches back into.
+
+    Equal to a dense T x T masked attention, at about 1.5 W instead of T keys per query."""
+    b, h, length, hd = q.shape
+    size, reach = mask.block_size, mask.blocks_back
+    n_blocks = -(-length // size)
+    pad = n_blocks * size - length
+
+    def blocked(x):  # [B, H, T, hd] -> [B, nb, H, size, hd]
+        return F.pad(x, (0, 0, 0, pad)).view(b, h, n_blocks, size, hd).transpose(1, 2)
+
+    def with_context(x):  # [B, nb, H, size, hd] -> [B, nb, H, (reach + 1) * size, hd]: earlier blocks first
+        padded = F.pad(x, (0, 0, 0, 0, 0, 0, reach, 0))
+        return torch.cat([padded[:, j : j + n_blocks] for j in range(reach + 1)], dim=3)
+
+    qb, kk, vv = blocked(q), with_context(blocked(k)), with_context(blocked(v))
+    masks = mask.additive_blocks(q.device, q.dtype).expand(b, -1, -1, -1, -1)
+    out = F.scaled_dot_product_attention(qb.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1), attn_mask=masks.flatten(0, 1))
+    return out.view(b, n_blocks, h, size, hd).transpose(1, 2).reshape(b, h, n_blocks * size, hd)[:, :, :length]
+
+
+def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Query t attends to exactly the keys of group index[t]: q [B, T, H, hd], k/v [B, G, n, H, hd],
+    index [B, T] -> [B, T, H, hd]. (The decoder: a byte reads the k keys of one patch.)"""
+    b, length, h, hd = q.shape
+    n = k.shape[2]
+    rows = index[:, :, None].expand(-1, -1, n * h * hd)
+    kg = k.flatten(2).gather(1, rows).view(b * length, n, h, hd)  # [B*T, n, H, hd]
+    vg = v.flatten(2).gather(1, rows).view(b * length, n, h, hd)
+    out = F.scaled_dot_product_attention(q.reshape(b * length, 1, h, hd).transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2))
+    return out.transpose(1, 2).reshape(b, length, h, hd)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The queries of group g attend to the keys t with index[t] == g: q [B, G, n, H, hd], k/v
+    [B, T, H, hd] -> [B, G, n, H, hd]; a group without keys gets zeros. (The encoder: a patch's k
+    queries read the bytes of that patch.) A softmax within each segment, so the cost is the T keys
+    times n, not G*n*T as a dense masked attention would be."""
+    b, groups, n, h, hd = q.shape
+    rows = torch.arange(b, device=q.device).unsqueeze(1)
+    scores = torch.einsum("btnhd,bthd->btnh", q[rows, index].float(), k.float()) * hd**-0.5  # [B, T, n, H]
+    seg = index[:, :, None, None].expand_as(scores)
+    top = torch.full((b, groups, n, h), float("-inf"), device=q.device).scatter_reduce(1, seg, scores.detach(), "amax")
+    weights = (scores - top.gather(1, seg)).exp()
+    total = torch.zeros(b, groups, n, h, device=q.device).scatter_add(1, seg, weights)
+    weights = weights / total.gather(1, seg)
+    out = torch.zeros(b, groups, n, h, hd, device=q.device).scatter_add(
+        1, index[:, :, None, None, None].expand(b, -1, n, h, hd), weights.unsqueeze(-1) * v.float().unsqueeze(2)
+    )
+    return out.type_as(q)
 
 
 class Attention(nn.Module):
-    """Multi-head attention through `scaled_dot_product_attention`.
+    """Multi-head self-attention through `scaled_dot_product_attention`, with RoPE on q and k.
 
-    Self-attention when `kv` is None (RoPE applied to q and k), cross-attention otherwise (no RoPE).
-    `cache`, when given, is an object whose `update(k, v)` returns the keys/values to attend to.
+    `mask`: None with `is_causal` (plain causal), a boolean tensor [B|1, 1, Tq, Tk], or a `LocalMask`
+    (sliding window / documents over a whole sequence). `cache`, when given, is an object whose
+    `update(k, v)` returns the keys/values to attend to (incremental decoding).
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None):
@@ -61,35 +116,33 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))
+
     def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of `kv` [B, S, D] -> two [B, S, Hkv, hd] (cacheable for cross-attention)."""
+        """Keys and values of `kv` [B, S, D] -> two [B, S, Hkv, hd] (cacheable)."""
         k = self.wk(kv).unflatten(-1, (self.n_kv_heads, self.head_dim))
         v = self.wv(kv).unflatten(-1, (self.n_kv_heads, self.head_dim))
         return k, v
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-        kv: torch.Tensor | None = None,
-        kv_projected: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache=None,
-    ) -> torch.Tensor:
-        q = self.wq(x).unflatten(-1, (self.n_heads, self.head_dim))  # [B, T, H, hd]
-        if kv_projected is not None:
-            k, v = kv_projected
-        else:
-            k, v = self.project_kv(x if kv is None else kv)
+    def repeat_kv(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        rep = self.n_heads // self.n_kv_heads
+        return x if rep == 1 else x.repeat_interleave(rep, dim=dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, mask=None, is_causal: bool = False, cache=None) -> torch.Tensor:
+        q = self.project_q(x)  # [B, T, H, hd]
+        k, v = self.project_kv(x)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:
             k, v = cache.update(k, v)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        q, k, v = q.transpose(1, 2), self.repeat_kv(k.transpose(1, 2), 1), self.repeat_kv(v.transpose(1, 2), 1)  # [B, H, T, hd]
+        if isinstance(mask, LocalMask):
+            if mask.banded:
+                out = windowed_attention(q, k, v, mask)
+                return self.wo(out.transpose(1, 2).flatten(-2))
+            mask = None if mask.plain_causal else mask.dense(x.device)
+            is_causal = mask is None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
         return self.wo(out.transpose(1, 2).flatten(-2))
 
@@ -123,7 +176,9 @@ class TransformerBlock(nn.Module):
 class CrossAttention(nn.Module):
     """Patch cross-attention of the local models: RMSNorm on queries and on keys/values, no RoPE.
 
-    Returns `x + attention`, as the release does (its callers add the residual once more).
+    `pool` (encoder): each patch's k queries read the bytes of that patch.
+    `read` (decoder): each byte reads the k keys of one patch.
+    Both return `x + attention`, as the release does (its callers add the residual once more).
     """
 
     def __init__(self, dim: int, n_heads: int, norm_eps: float = 1e-5):
@@ -135,7 +190,19 @@ class CrossAttention(nn.Module):
     def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.attn.project_kv(self.kv_norm(kv))
 
-    def forward(self, x, kv=None, mask=None, kv_projected=None) -> torch.Tensor:
-        if kv_projected is None:
-            kv_projected = self.project_kv(kv)
-        return x + self.attn(self.q_norm(x), mask=mask, kv_projected=kv_projected)
+    def pool(self, queries: torch.Tensor, h: torch.Tensor, byte_patch: torch.Tensor, k: int) -> torch.Tensor:
+        """queries [B, P*k, D], byte states h [B, T, D], byte_patch [B, T] -> [B, P*k, D]."""
+        q = self.attn.project_q(self.q_norm(queries)).unflatten(1, (-1, k))  # [B, P, k, H, hd]
+        keys, values = self.project_kv(h)
+        out = segment_attention(q, keys, values, byte_patch)
+        return queries + self.attn.wo(out.flatten(1, 2).flatten(-2))
+
+    def read(self, h: torch.Tensor, patch_kv: tuple[torch.Tensor, torch.Tensor], patch_index: torch.Tensor) -> torch.Tensor:
+        """h [B, T, D]; patch_kv: keys/values [B, P, k, H, hd] (from `patch_kv`); patch_index [B, T]."""
+        out = gather_attention(self.attn.project_q(self.q_norm(h)), *patch_kv, patch_index)
+        return h + self.attn.wo(out.flatten(-2))
+
+    def patch_kv(self, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of patch slots [B, P*k, D] grouped per patch: two [B, P, k, H, hd]."""
+        keys, values = self.project_kv(slots)
+        return keys.unflatten(1, (-1, k)), values.unflatten(1, (-1, k))

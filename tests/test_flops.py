@@ -94,7 +94,7 @@ def test_self_attention_keys():
     assert self_attention_keys(8, None) == 4.5  # (L+1)/2
     assert self_attention_keys(8, 100) == 4.5  # a window longer than the sequence cuts nothing
     assert self_attention_keys(8, 1) == 1
-    assert self_attention_keys(8, 4, attention="dense") == 8
+    assert self_attention_keys(8, 4, attention="executed") == 8
     with pytest.raises(blt.BltError, match="attention must be one of"):
         self_attention_keys(8, 4, attention="flash")
 
@@ -177,8 +177,9 @@ def byte_ids(length: int, eos_at: int | None = None) -> torch.Tensor:
 
 
 # (length, EOS position): within the window of 16 and one document -> is_causal fast path;
-# an EOS inside -> document mask; longer than the window -> window mask
-PATHS = [(12, None, "is_causal"), (12, 6, "mask"), (24, None, "mask")]
+# an EOS inside -> document mask; longer than the window -> window mask; longer than two windows ->
+# banded blocks (with and without a document boundary)
+PATHS = [(12, None, "is_causal"), (12, 6, "mask"), (24, None, "mask"), (45, None, "banded"), (45, 20, "banded")]
 
 
 @pytest.mark.parametrize("length,eos_at,path", PATHS)
@@ -215,7 +216,7 @@ def test_executed_flops_match_flop_counter_entropy_model(length, eos_at, path):
     assert (sequence_self_mask(ids, config.sliding_window, config.document_mask) is None) == (path == "is_causal")
     model = random_entropy_model()
     counter = counted(model, ids)
-    assert counter.get_total_flops() == length * entropy_model_flops(config, length, attention="dense")
+    assert counter.get_total_flops() == length * entropy_model_flops(config, length, attention="executed")
 
 
 def test_executed_flops_include_the_entropy_model_when_it_patches():
@@ -231,18 +232,22 @@ def test_executed_flops_include_the_entropy_model_when_it_patches():
     assert 2 < num_patches < 25  # neither one patch nor one per byte
     counter = counted(model, ids)
     want = executed_forward_flops(config, 24, num_patches, entropy_config=entropy_model.config)
-    assert module_flops(counter, "BLT.patcher.entropy_model") == want["entropy_model"] == 24 * entropy_model_flops(entropy_model.config, 24, "dense")
+    assert module_flops(counter, "BLT.patcher.entropy_model") == want["entropy_model"] == 24 * entropy_model_flops(entropy_model.config, 24, "executed")
     assert counter.get_total_flops() == sum(want.values())
 
 
-def test_useful_flops_are_at_most_executed():
+def test_useful_flops_against_executed():
     config, length = tiny_config(), 24
     ids = byte_ids(length)
     num_patches = int(blt.StaticPatcher(4)(ids).sum())
     useful = component_flops(config, length, length / num_patches, tiny_entropy_config())
     executed = executed_forward_flops(config, length, num_patches, tiny_entropy_config())
-    for name in COMPONENTS:
-        if name == "head":  # no attention: the same matmul either way
-            assert useful[name] * length == pytest.approx(executed[name], rel=1e-12)
-        else:  # every other component attends, and its masks drop keys
-            assert useful[name] * length < executed[name], name
+    for name in ("entropy_model", "local_encoder", "global_transformer", "local_decoder"):
+        assert useful[name] * length < executed[name], name  # the kernels score keys the masks drop
+    # a byte reads exactly its patch's k keys, and the head attends to nothing: nothing is wasted
+    assert useful["decoder_cross_attention"] * length == pytest.approx(executed["decoder_cross_attention"], rel=1e-12)
+    assert useful["head"] * length == pytest.approx(executed["head"], rel=1e-12)
+    # the encoder scores each byte against its own patch's queries only; its weighted sum of values
+    # (QK^T's twin) is a scatter-add, counted as useful work but not as an executed matmul
+    d, k = config.dim_local_encoder, config.cross_attn_k
+    assert useful["encoder_cross_attention"] * length - executed["encoder_cross_attention"] == pytest.approx(2 * length * k * d, rel=1e-12)
