@@ -15,6 +15,7 @@ Loading is strict: every tensor in the file is used, every parameter is filled, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -170,10 +171,26 @@ def save_entropy_model(model: EntropyModel, path: str | Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
 
 
+def patching_of(model: BLT) -> PatchingConfig:
+    """The patching the model actually uses: its patcher's settings win over the config's."""
+    p, c = model.patcher, model.config.patching
+    if p is None:
+        return c
+    return PatchingConfig(
+        mode=p.mode,
+        patch_size=getattr(p, "patch_size", c.patch_size),
+        threshold=getattr(p, "threshold", c.threshold if p.mode == "entropy" else None),
+        threshold_add=getattr(p, "threshold_add", None),
+        monotonicity=getattr(p, "monotonicity", False),
+        max_patch_length=p.max_patch_length,
+    )
+
+
 def save_blt(model: BLT, path: str | Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_json({"model_type": "blt_lm", **model.config.to_dict()}, path / "config.json")
+    config = dataclasses.replace(model.config, patching=patching_of(model))
+    save_json({"model_type": "blt_lm", **config.to_dict()}, path / "config.json")
     save_file({k: v.contiguous() for k, v in _own_state(model).items()}, str(path / "model.safetensors"))
     if model.entropy_model is not None:
         save_entropy_model(model.entropy_model, path / "entropy_model")
@@ -362,7 +379,8 @@ def save_hf(model: BLT, path: str | Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     entropy = model.entropy_model
-    save_json(config_to_hf(model.config, entropy.config if entropy is not None else None), path / "config.json")
+    config = dataclasses.replace(model.config, patching=patching_of(model))
+    save_json(config_to_hf(config, entropy.config if entropy is not None else None), path / "config.json")
     names = _hf_names(model)
     state = _own_state(model)
     tensors = {names[k]: v for k, v in state.items() if not k.startswith("local_encoder.hash_embeddings.")}

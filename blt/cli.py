@@ -90,11 +90,7 @@ def _flops(args) -> None:
     from blt.flops import flops_per_byte, format_table
 
     if args.model:
-        from blt.checkpoint import load_pretrained
-
-        model = load_pretrained(args.model)
-        if not hasattr(model, "local_encoder"):
-            raise BltError(f"{args.model} is an entropy model, not a BLT")
+        model = _load_blt(args.model, "cpu")
         config, entropy = model.config, (model.entropy_model.config if model.entropy_model is not None else None)
     else:
         from blt.config import BLTConfig
@@ -118,6 +114,71 @@ def _demo(args) -> None:
     from blt.demo import run_demo
 
     run_demo(args.out, entropy_steps=args.entropy_steps, blt_steps=args.blt_steps)
+
+
+def _generate(args) -> None:
+    import os
+
+    from blt.checkpoint import load_pretrained
+    from blt.tokenizer import StreamDecoder
+
+    model = _load_blt(args.model, args.device)
+    prompt = sys.stdin.buffer.read() if args.prompt == "-" else os.fsencode(args.prompt)  # bytes as given, even invalid UTF-8
+    out = sys.stdout.buffer
+    decoder = StreamDecoder()
+    kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, stop_at_eos=not args.no_stop_at_eos)
+    try:
+        if not args.raw and not args.no_prompt:
+            out.write(decoder.feed(prompt).encode())
+            out.flush()
+        for (piece,) in model.stream([prompt], args.max_new_bytes, **kwargs):
+            if piece:
+                out.write(piece if args.raw else decoder.feed(piece).encode())
+                out.flush()
+    finally:  # on Ctrl-C too: whatever was generated is written
+        if not args.raw:
+            out.write((decoder.flush() + "\n").encode())
+        out.flush()
+
+
+def _score(args) -> None:
+    import json
+
+    from blt.inference import score
+
+    model = _load_blt(args.model, args.device)
+    if args.file == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        try:
+            data = open(args.file, "rb").read()
+        except FileNotFoundError:
+            raise BltError(f"{args.file}: no such file") from None
+    logp, is_byte = score(model, data, args.max_forward)
+    n_bytes = int(is_byte.sum())
+    bpb = float(-logp.sum() / max(n_bytes, 1))
+    if args.per_byte:
+        offset = 0
+        for lp, b, target in zip(logp.tolist(), is_byte.tolist(), model.encode(data)[1:].tolist()):
+            if b:
+                ch = chr(target - 4) if 32 <= target - 4 < 127 else "."
+                print(f"{offset}\t{target - 4:02x}\t{ch}\t{lp:.4f}")
+                offset += 1
+    if args.json:
+        print(json.dumps({"bpb": bpb, "n_bytes": n_bytes, "bits": float(-logp.sum())}))
+    else:
+        print(f"bits per byte  {bpb:.4f}  ({n_bytes} bytes)")
+
+
+def _load_blt(path, device):
+    import torch
+
+    from blt.checkpoint import load_pretrained
+
+    model = load_pretrained(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not hasattr(model, "local_encoder"):
+        raise BltError(f"{path} is an entropy model, not a BLT")
+    return model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +249,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entropy-steps", type=int, default=300)
     p.add_argument("--blt-steps", type=int, default=220)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("generate", help="generate text byte by byte, streaming it as it comes", description=(
+        "Generate with caches at every level (exactly what recomputing the whole model per byte gives), streaming UTF-8 "
+        "to stdout as it is produced; an incomplete character is held back until complete. Ctrl-C stops cleanly."
+    ))
+    p.add_argument("--model", required=True)
+    p.add_argument("prompt", help='the prompt ("" starts from BOS; - reads stdin)')
+    p.add_argument("--max-new-bytes", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", help="stop when the output ends with this string (repeatable; not printed)")
+    p.add_argument("--no-stop-at-eos", action="store_true", help="never produce EOS; generate --max-new-bytes")
+    p.add_argument("--raw", action="store_true", help="write the new bytes as they are (no prompt echo, no UTF-8 decoding)")
+    p.add_argument("--no-prompt", action="store_true", help="do not echo the prompt")
+    p.add_argument("--device")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("score", help="bits per byte of a text, optionally per byte", description=(
+        "log2-probabilities of every byte and the bits per byte of a text; texts longer than the model's context "
+        "continue through the same cached path as generation."
+    ))
+    p.add_argument("--model", required=True)
+    p.add_argument("file", help="text file, or - for stdin")
+    p.add_argument("--per-byte", action="store_true", help="print offset, byte, character and log2 p for every byte")
+    p.add_argument("--max-forward", type=int, help="longest text scored in one forward pass (default: the model's max_encoder_seq_length)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device")
+    p.set_defaults(func=_score)
     return parser
 
 
@@ -203,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:
-        print(f"\nblt {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"\nblt {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

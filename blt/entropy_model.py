@@ -30,14 +30,24 @@ class EntropyModel(nn.Module):
         self.norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
         self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Next-byte logits [B, T, V] for ids [B, T]; every row is independent of the others."""
+    def forward(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """Next-byte logits [B, T, V] for ids [B, T]; every row is independent of the others.
+        With a `cache` prepared by `cache.prefill(lengths)`, the rows' keys/values are kept for `step`."""
         h = self.tok_embeddings(ids)
         mask = sequence_self_mask(ids, self.config.sliding_window, self.config.document_mask)
         rope = self.rope(torch.arange(ids.shape[1], device=ids.device))
-        for layer in self.layers:
-            h = layer(h, rope, mask=mask, is_causal=mask is None)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask=mask, is_causal=mask is None, cache=cache.layer(i) if cache is not None else None)
         return self.output(self.norm(h))
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Logits [B, V] after one more id per row (ids [B], at `positions` [B])."""
+        mask = cache.step(positions, window=self.config.sliding_window)
+        h = self.tok_embeddings(ids[:, None])
+        rope = self.rope(positions[:, None])
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask=mask, cache=cache.layer(i))
+        return self.output(self.norm(h))[:, 0]
 
     @torch.no_grad()
     def entropies(self, ids: torch.Tensor) -> torch.Tensor:

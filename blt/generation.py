@@ -67,7 +67,8 @@ def sample_next(logits: torch.Tensor, allowed: torch.Tensor, temperature: float,
 
 
 class StopChecker:
-    """Ends a row at EOS or when its new bytes end with one of the stop strings (which is cut off)."""
+    """Ends a row at EOS or when its new bytes end with one of the stop strings (which is cut off).
+    While streaming, bytes that may be the start of a stop string are held back until they are not."""
 
     def __init__(self, stop: Sequence[str | bytes] | None):
         self.stops = [to_bytes(s) for s in (stop or []) if s]
@@ -78,6 +79,16 @@ class StopChecker:
             if new.endswith(s):
                 return len(new) - len(s)
         return None
+
+    def safe(self, new: bytes) -> int:
+        """How many leading bytes of `new` can be shown: all but a tail that could begin a stop string."""
+        held = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(new)), held, -1):
+                if new.endswith(s[:n]):
+                    held = n
+                    break
+        return len(new) - held
 
 
 @torch.no_grad()

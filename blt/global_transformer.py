@@ -24,10 +24,19 @@ class GlobalTransformer(nn.Module):
             TransformerBlock(c.dim_global, c.n_heads_global, c.n_kv_heads_global, c.ffn_dims[1], c.norm_eps) for _ in range(c.n_layers_global)
         )
 
-    def forward(self, patches: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """patches [B, P, k*D_enc] -> [B, P, D_global]; causal over patches (`mask` adds document blocks)."""
         h = patches if self.in_proj is None else self.in_proj(patches)
         rope = self.rope(torch.arange(h.shape[1], device=h.device))
-        for layer in self.layers:
-            h = layer(h, rope, mask=mask, is_causal=mask is None)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask=mask, is_causal=mask is None, cache=cache.layer(i) if cache is not None else None)
         return h
+
+    def step(self, patches: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache) -> torch.Tensor:
+        """One more patch for each row of `rows` (patches [n, k*D_enc] at patch `positions` [n]) -> [n, D_global]."""
+        mask = cache.step(positions, rows)
+        h = (patches if self.in_proj is None else self.in_proj(patches))[:, None]
+        rope = self.rope(positions[:, None])
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask=mask, cache=cache.layer(i))
+        return h[:, 0]

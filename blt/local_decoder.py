@@ -39,13 +39,26 @@ class LocalDecoder(nn.Module):
         """Global outputs [B, P, D_global] -> k key/value vectors per patch [B, P*k, D]."""
         return self.patch_projection(global_out).unflatten(-1, (self.k, -1)).flatten(1, 2)
 
-    def forward(self, h: torch.Tensor, global_out: torch.Tensor, dec_patch_ids: torch.Tensor, self_mask) -> torch.Tensor:
-        """h: encoder byte states [B, T, D]; dec_patch_ids [B, T]: the patch byte t reads -> logits [B, T, V]."""
+    def patch_kv(self, global_out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys/values [B, P, k, H, hd] of every cross-attention layer for global outputs [B, P, D_global]."""
         slots = self.patch_keys(global_out)
-        rope = self.rope(torch.arange(h.shape[1], device=h.device))
+        return [cross.patch_kv(slots, self.k) for cross in self.cross_attn]
+
+    def forward(self, h: torch.Tensor, global_out: torch.Tensor, dec_patch_ids: torch.Tensor, self_mask, cache=None) -> torch.Tensor:
+        """h: encoder byte states [B, T, D]; dec_patch_ids [B, T]: the patch byte t reads -> logits [B, T, V]."""
+        return self._run(h, self.patch_kv(global_out), dec_patch_ids, self.rope(torch.arange(h.shape[1], device=h.device)), self_mask, cache)
+
+    def step(self, h: torch.Tensor, patch_kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor, window: int | None, cache) -> torch.Tensor:
+        """Logits [B, V] for one more byte per row: h [B, 1, D] its encoder state, `patch_kv` the keys/values
+        [B, 1, k, H, hd] of the one patch it reads."""
+        mask = cache.step(positions, window=window)
+        read = torch.zeros(h.shape[0], 1, dtype=torch.long, device=h.device)
+        return self._run(h, patch_kv, read, self.rope(positions[:, None]), mask, cache)[:, 0]
+
+    def _run(self, h, patch_kv, read, rope, mask, cache):
         for i, layer in enumerate(self.layers):
             if self.has_cross_attn(i):
-                cross = self.cross_attn[i if self.cross_all_layers else 0]
-                h = h + cross.read(h, cross.patch_kv(slots, self.k), dec_patch_ids)
-            h = layer(h, rope, mask=self_mask, is_causal=self_mask is None)
+                j = i if self.cross_all_layers else 0
+                h = h + self.cross_attn[j].read(h, patch_kv[j], read)
+            h = layer(h, rope, mask=mask, is_causal=mask is None, cache=cache.layer(i) if cache is not None else None)
         return self.output(self.norm(h))

@@ -55,20 +55,35 @@ class LocalEncoder(nn.Module):
     def has_cross_attn(self, layer: int) -> bool:
         return self.cross_all_layers or layer == len(self.layers) - 1
 
-    def init_queries(self, h: torch.Tensor, byte_patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
-        """Max-pool and project the byte states into k queries per patch: [B, P*k, D]."""
-        pooled = self.patch_projection(max_pool_patches(h, byte_patch_ids, num_patches))
-        return pooled.unflatten(-1, (self.k, -1)).flatten(1, 2)
+    def pool_patches(self, states: list[torch.Tensor], byte_patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """Patch representations [B, P, k*D] from the byte states after each cross-attention layer."""
+        pooled = self.patch_projection(max_pool_patches(states[0], byte_patch_ids, num_patches))
+        queries = pooled.unflatten(-1, (self.k, -1)).flatten(1, 2)  # [B, P*k, D]
+        for cross, h in zip(self.cross_attn, states):
+            queries = queries + cross.pool(queries, h, byte_patch_ids, self.k)
+        return queries.unflatten(1, (num_patches, self.k)).flatten(2)
 
-    def forward(self, ids: torch.Tensor, byte_patch_ids: torch.Tensor, num_patches: int, self_mask):
-        """-> byte states [B, T, D] and patch representations [B, P, k*D]."""
+    def forward(self, ids: torch.Tensor, byte_patch_ids: torch.Tensor, num_patches: int, self_mask, cache=None):
+        """-> byte states [B, T, D] and patch representations [B, P, k*D]. (The cross-attention reads
+        the byte states but never writes to them, so it runs after the layers.)"""
         h = self.embed(ids)
         rope = self.rope(torch.arange(ids.shape[1], device=ids.device))
-        queries = None
+        states = []
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask=self_mask, is_causal=self_mask is None)
+            h = layer(h, rope, mask=self_mask, is_causal=self_mask is None, cache=cache.layer(i) if cache is not None else None)
             if self.has_cross_attn(i):
-                if queries is None:
-                    queries = self.init_queries(h, byte_patch_ids, num_patches)
-                queries = queries + self.cross_attn[i if self.cross_all_layers else 0].pool(queries, h, byte_patch_ids, self.k)
-        return h, queries.unflatten(1, (num_patches, self.k)).flatten(2)
+                states.append(h)
+        return h, self.pool_patches(states, byte_patch_ids, num_patches), states
+
+    def step(self, ids: torch.Tensor, prefix: torch.Tensor, positions: torch.Tensor, window: int | None, cache) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One more byte per row (ids [B], after the `prefix` [B, >= n-1] ids) -> its state [B, 1, D]
+        and its states after each cross-attention layer (for the patch it belongs to)."""
+        mask = cache.step(positions, window=window)
+        h = self.embed(ids[:, None], prefix)
+        rope = self.rope(positions[:, None])
+        states = []
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, mask=mask, cache=cache.layer(i))
+            if self.has_cross_attn(i):
+                states.append(h)
+        return h, states

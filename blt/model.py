@@ -98,7 +98,7 @@ class BLT(nn.Module):
         dec_patch = patch_of[:, 1:] - 1  # byte t reads the patch before the one byte t+1 is in
 
         self_mask = sequence_self_mask(ids, c.local_attention_window_len, c.local_document_mask)
-        h, patches = self.local_encoder(ids, byte_patch, num_patches, self_mask)
+        h, patches, _ = self.local_encoder(ids, byte_patch, num_patches, self_mask)
         global_out = self.global_transformer(patches, self.global_mask(ids, byte_patch, num_patches))
         return self.local_decoder(h, global_out, dec_patch, self_mask)
 
@@ -111,6 +111,25 @@ class BLT(nn.Module):
         patch_ids = torch.where(has_eos > 0, EOS_ID, EOS_ID + 1)
         pos = torch.arange(num_patches, device=ids.device)
         return self_attention_mask(pos, q_doc=document_ids(patch_ids, EOS_ID))
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(self, prompts, max_new_bytes: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stop=None, stop_at_eos: bool = True) -> list[bytes]:
+        """The new bytes for each prompt (str or bytes), with caches at every level (`blt.inference`).
+
+        Greedy at temperature 0, else top-k / top-p sampling; a fixed `seed` reproduces a run, and each
+        prompt of a batch gets exactly what it gets alone. Only bytes are produced, and EOS when
+        `stop_at_eos` (it ends the row); `stop` strings end a row too and are left out.
+        """
+        from blt.inference import generate
+
+        return generate(self, prompts, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop, stop_at_eos=stop_at_eos)
+
+    def stream(self, prompts, max_new_bytes: int, **kwargs):
+        """`generate`, step by step: yields one item per prompt per step (see `blt.inference.stream`)."""
+        from blt.inference import stream
+
+        return stream(self, prompts, max_new_bytes, **kwargs)
 
     # ---- weights in and out ------------------------------------------------------------------
     @property

@@ -88,59 +88,57 @@ def lengths_to_starts(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
     return _first_two(counts[:, : seq_len + 1] > 0)
 
 
-def entropy_starts(entropies: torch.Tensor, threshold: float, threshold_add: float | None = None, monotonicity: bool = False) -> torch.Tensor:
-    """The `starts` mask [B, T+1] from entropies [B, T] (see the module docstring for the rules)."""
-    batch, length = entropies.shape
-    starts = torch.zeros(batch, length + 1, dtype=torch.bool, device=entropies.device)
-    h = entropies[:, 1:]  # h[i] decides position i + 2
-    if monotonicity or threshold_add is not None:
-        rise = h[:, 1:] - h[:, :-1]
-        if monotonicity:
-            starts[:, 3:] = rise > threshold
-        else:
-            starts[:, 4:] = (rise[:, 1:] > threshold_add) & (h[:, 2:] > threshold)
-        starts[:, 2:3] = length >= 2
-    else:
-        starts[:, 2:] = h > threshold
-    return _first_two(starts)
+def _previous_and_current(x: torch.Tensor, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every position q = 0..T of a [B, T] sequence: x[q-2] and x[q-1] (`fill` where absent)."""
+    pad = torch.full((x.shape[0], 2), fill, dtype=x.dtype, device=x.device)
+    padded = torch.cat([pad, x], dim=1)  # padded[q + 1] = x[q - 1]
+    return padded[:, :-1], padded[:, 1:]
 
 
-def space_starts(ids: torch.Tensor) -> torch.Tensor:
-    """SpaceByte's rule over ids [B, T] -> [B, T+1]."""
+def _spacelike(ids: torch.Tensor) -> torch.Tensor:
     b = ids - OFFSET
-    spacelike = (
+    return (
         (b < ord("0"))
         | ((b > ord("9")) & (b < ord("A")))
         | ((b > ord("Z")) & (b < ord("a")))
         | ((b > ord("z")) & (b < 0x80))
         | (b >= 0xC0)
     )
-    ends = spacelike.clone()
-    ends[:, 1:] &= ~spacelike[:, :-1]
-    ends |= ids < OFFSET
-    starts = torch.zeros(ids.shape[0], ids.shape[1] + 1, dtype=torch.bool, device=ids.device)
-    starts[:, 1:] = ends
-    return _first_two(starts)
 
 
 class Patcher(nn.Module):
-    """Base class: `forward(ids [B, T]) -> starts [B, T+1]`; subclasses implement `boundaries`."""
+    """Base class: `forward(ids [B, T]) -> starts [B, T+1]`.
+
+    A patcher is its `rule`: does position q (>= 2) start a patch, given the ids and entropies at
+    q-2 and q-1? The same rule serves a whole sequence (`forward`) and one next position during
+    generation, so the two cannot disagree.
+    """
 
     mode = "?"
+    uses_entropy = False
 
     def __init__(self, max_patch_length: int | None = None):
         super().__init__()
         self.max_patch_length = max_patch_length
 
-    def boundaries(self, ids: torch.Tensor) -> torch.Tensor:
+    def rule(self, prev_id, cur_id, prev_h, cur_h, q) -> torch.Tensor:
         raise NotImplementedError
 
     def encode(self, text: str | bytes, bos: bool = True) -> torch.Tensor:
         """The ids this patcher expects for `text` (only `bpe` differs from `blt.encode`)."""
         return encode(text, bos=bos)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return limit_patch_length(self.boundaries(ids), self.max_patch_length)
+    def boundaries(self, ids: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
+        """`starts` [B, T+1] before `max_patch_length`."""
+        batch, length = (ids if ids is not None else entropies).shape
+        q = torch.arange(length + 1, device=(ids if ids is not None else entropies).device)
+        prev_id, cur_id = _previous_and_current(ids, -1) if ids is not None else (None, None)
+        prev_h, cur_h = _previous_and_current(entropies, float("nan")) if entropies is not None else (None, None)
+        starts = torch.as_tensor(self.rule(prev_id, cur_id, prev_h, cur_h, q), device=q.device).expand(batch, length + 1).clone()
+        return _first_two(starts)
+
+    def forward(self, ids: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
+        return limit_patch_length(self.boundaries(ids, entropies), self.max_patch_length)
 
     def patch_lengths(self, ids: torch.Tensor, include_next: bool = False) -> torch.Tensor:
         """Patch lengths [B, P] of the T bytes (T+1 positions with `include_next`), right-padded with 0."""
@@ -153,8 +151,8 @@ class Patcher(nn.Module):
 class BytePatcher(Patcher):
     mode = "byte"
 
-    def boundaries(self, ids):
-        return torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.bool, device=ids.device)
+    def rule(self, prev_id, cur_id, prev_h, cur_h, q):
+        return torch.ones_like(q, dtype=torch.bool)
 
 
 class StaticPatcher(Patcher):
@@ -164,17 +162,16 @@ class StaticPatcher(Patcher):
         super().__init__(max_patch_length)
         self.patch_size = int(patch_size)
 
-    def boundaries(self, ids):
-        pos = torch.arange(ids.shape[1] + 1, device=ids.device)
-        starts = ((pos - 1) % self.patch_size == 0).expand(ids.shape[0], -1).clone()
-        return _first_two(starts)
+    def rule(self, prev_id, cur_id, prev_h, cur_h, q):
+        return (q - 1) % self.patch_size == 0
 
 
 class SpacePatcher(Patcher):
     mode = "space"
 
-    def boundaries(self, ids):
-        return space_starts(ids)
+    def rule(self, prev_id, cur_id, prev_h, cur_h, q):
+        # the patch ends at q-1: a space-like byte after a non-space-like one, or a special id
+        return (_spacelike(cur_id) & ~_spacelike(prev_id)) | (cur_id < OFFSET)
 
 
 class BpePatcher(Patcher):
@@ -193,33 +190,48 @@ class BpePatcher(Patcher):
             raise BltError("this bpe patcher has no tokenizer to insert delimiters with")
         return torch.tensor(encode_with_delimiters(self.tokenizer, text, bos=bos), dtype=torch.long)
 
-    def boundaries(self, ids):
-        starts = torch.zeros(ids.shape[0], ids.shape[1] + 1, dtype=torch.bool, device=ids.device)
-        starts[:, 1:] = ids == BPE_ID
-        return _first_two(starts)
+    def rule(self, prev_id, cur_id, prev_h, cur_h, q):
+        return cur_id == BPE_ID
+
+
+def entropy_rule(prev_h, cur_h, q, threshold: float, threshold_add: float | None = None, monotonicity: bool = False):
+    """Does position q start a patch, given H[q-2] and H[q-1]? (See the module docstring.)"""
+    if monotonicity:
+        return (q == 2) | (cur_h - prev_h > threshold)
+    if threshold_add is not None:
+        return (q == 2) | ((q >= 4) & (cur_h - prev_h > threshold_add) & (cur_h > threshold))
+    return cur_h > threshold
+
+
+def entropy_starts(entropies: torch.Tensor, threshold: float, threshold_add: float | None = None, monotonicity: bool = False) -> torch.Tensor:
+    """The `starts` mask [B, T+1] from entropies [B, T] (see the module docstring for the rules)."""
+    q = torch.arange(entropies.shape[1] + 1, device=entropies.device)
+    prev_h, cur_h = _previous_and_current(entropies, float("nan"))
+    return _first_two(entropy_rule(prev_h, cur_h, q, threshold, threshold_add, monotonicity).clone())
 
 
 class EntropyPatcher(Patcher):
     """Entropy patching with an entropy model, computed row by row (no context leaks across a batch)."""
 
     mode = "entropy"
+    uses_entropy = True
 
     def __init__(self, entropy_model: EntropyModel, threshold: float, threshold_add: float | None = None, monotonicity: bool = False, max_patch_length: int | None = None):
         super().__init__(max_patch_length)
         self.entropy_model = entropy_model.eval().requires_grad_(False)
-        self.threshold = threshold
-        self.threshold_add = threshold_add
-        self.monotonicity = monotonicity
+        self.threshold, self.threshold_add, self.monotonicity = threshold, threshold_add, monotonicity
+
+    def rule(self, prev_id, cur_id, prev_h, cur_h, q):
+        return entropy_rule(prev_h, cur_h, q, self.threshold, self.threshold_add, self.monotonicity)
 
     def entropies(self, ids: torch.Tensor) -> torch.Tensor:
         return self.entropy_model.entropies(ids)
 
     def starts_from_entropies(self, entropies: torch.Tensor) -> torch.Tensor:
-        starts = entropy_starts(entropies, self.threshold, self.threshold_add, self.monotonicity)
-        return limit_patch_length(starts, self.max_patch_length)
+        return self(None, entropies)
 
-    def boundaries(self, ids):
-        return entropy_starts(self.entropies(ids), self.threshold, self.threshold_add, self.monotonicity)
+    def boundaries(self, ids, entropies=None):
+        return super().boundaries(ids, self.entropies(ids) if entropies is None else entropies)
 
     def train(self, mode: bool = True):
         # the entropy model is frozen: keep it in eval mode whatever the owner does

@@ -64,7 +64,8 @@ def median_threshold(entropy_model, ids: torch.Tensor) -> float:
     that no entropy sits within float noise of it (two implementations then decide alike)."""
     values = entropy_model.entropies(ids).flatten().sort().values
     middle = len(values) // 2
-    i = middle + int((values[middle + 1 : middle + 50] - values[middle : middle + 49]).argmax())
+    upper = min(len(values), middle + 50)
+    i = middle + int((values[middle + 1 : upper] - values[middle : upper - 1]).argmax())
     return float((values[i] + values[i + 1]) / 2)
 
 

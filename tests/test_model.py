@@ -15,7 +15,7 @@ def entropy_patcher(**kw):
     em = random_entropy_model()
     theta = median_threshold(em, blt.encode(TEXT)[None])
     if kw.get("monotonicity"):
-        theta = 0.05
+        theta = 0.0531  # not a round number: a rise of exactly 0.05 would sit on it within float noise
     return EntropyPatcher(em, threshold=theta, **kw)
 
 
@@ -26,7 +26,7 @@ PATCHERS = {
     "bpe": lambda: BpePatcher(train_bpe([TEXT * 3], 300)),
     "entropy-global": lambda: entropy_patcher(),
     "entropy-monotonic": lambda: entropy_patcher(monotonicity=True),
-    "entropy-combined": lambda: entropy_patcher(threshold_add=0.01),
+    "entropy-combined": lambda: entropy_patcher(threshold_add=0.0113),
     "entropy-max-length": lambda: entropy_patcher(max_patch_length=3),
     "space-max-length": lambda: SpacePatcher(max_patch_length=2),
 }
