@@ -2,7 +2,8 @@
 
 Targets that are bytes count in both sums. A BPE delimiter (only present with the `bpe` patcher) is
 part of what the model must predict to produce the text, so its bits count while it adds no byte.
-BOS/EOS targets (document framing) are left out of both.
+BOS/EOS targets (document framing) are left out of both. A token model (the `bpe` baseline) passes
+`bytes_per_id`, the byte length of every token, so its bits are divided by the bytes of the text.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from blt.entropy_model import EntropyModel
 from blt.patching import EntropyPatcher, Patcher
-from blt.tokenizer import BPE_ID, OFFSET
+from blt.tokenizer import BPE_ID, OFFSET, VOCAB_SIZE
 
 
 def windows(stream_len: int, seq_len: int) -> list[tuple[int, int]]:
@@ -33,9 +34,15 @@ def patch_starts_for(patcher: Patcher, ids: torch.Tensor, entropies: torch.Tenso
 
 
 @torch.no_grad()
+def byte_lengths() -> torch.Tensor:
+    """Bytes per id of the byte vocabulary: 1 for a byte, 0 for a special id."""
+    return (torch.arange(VOCAB_SIZE) >= OFFSET).long()
+
+
 def evaluate_stream(model, stream: np.ndarray, seq_len: int, batch_size: int = 8, entropies: np.ndarray | None = None,
-                    max_windows: int | None = None, autocast=None) -> dict:
-    """bpb of `model` (a BLT or a byte LM such as the entropy model) over `stream`."""
+                    max_windows: int | None = None, autocast=None, bytes_per_id: torch.Tensor | None = None) -> dict:
+    """bpb of `model` (a BLT, or an LM over ids such as the entropy model or a token model) over `stream`."""
+    bytes_per_id = byte_lengths() if bytes_per_id is None else bytes_per_id
     was_training = model.training
     model.eval()
     device = next(p for n, p in model.named_parameters() if not n.startswith("patcher.")).device
@@ -59,9 +66,10 @@ def evaluate_stream(model, stream: np.ndarray, seq_len: int, batch_size: int = 8
                     n_patches += int(starts[:, :length].sum())
                     logits = model(ids.to(device), patch_starts=starts.to(device))
             nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="none").view_as(targets)
-            counted = (targets >= OFFSET) | (targets == BPE_ID)
+            lengths = bytes_per_id[targets]
+            counted = (lengths > 0) | (targets == BPE_ID)
             bits += float(nll[counted.to(device)].sum()) / math.log(2)
-            n_bytes += int((targets >= OFFSET).sum())
+            n_bytes += int(lengths.sum())
             n_positions += ids.numel()
     model.train(was_training)
     out = {"bpb": bits / max(n_bytes, 1), "n_bytes": n_bytes, "bits": bits}

@@ -28,7 +28,12 @@ HASH_PRIMES = (
 )
 
 
-def ngram_hash(ids: torch.Tensor, n: int, prime: int, modulo: int, prefix: torch.Tensor | None = None) -> torch.Tensor:
+def _powers(prime: int, n: int, device) -> torch.Tensor:
+    """prime^0 .. prime^(n-1) in int64 with wraparound."""
+    return torch.tensor(prime, dtype=torch.int64, device=device) ** torch.arange(n, device=device)
+
+
+def ngram_hash(ids: torch.Tensor, n: int, prime: int, modulo: int, prefix: torch.Tensor | None = None, powers: torch.Tensor | None = None) -> torch.Tensor:
     """Hash of the n-gram ending at every position of `ids` [B, T] -> [B, T] in [0, modulo).
 
     `prefix` [B, >= n-1] holds the ids that precede `ids` (incremental decoding); by default the
@@ -41,7 +46,8 @@ def ngram_hash(ids: torch.Tensor, n: int, prime: int, modulo: int, prefix: torch
         prefix = prefix[:, prefix.shape[1] - (n - 1):] if n > 1 else prefix[:, :0]
     padded = torch.cat([prefix.long(), ids.long()], dim=1)
     windows = padded.unfold(1, n, 1)  # [B, T, n], oldest first
-    powers = torch.tensor(prime, dtype=torch.int64, device=ids.device) ** torch.arange(n, device=ids.device)
+    if powers is None:
+        powers = _powers(prime, n, ids.device)
     return (windows * powers).sum(-1) % modulo
 
 
@@ -57,6 +63,7 @@ class HashNgramEmbedding(nn.Module):
         self.n_functions = n_functions
         # table index = function * len(ngram_sizes) + position of n, as in the release
         self.tables = nn.ModuleList(nn.Embedding(table_size, dim) for _ in range(n_functions * len(self.ngram_sizes)))
+        self._powers: dict = {}  # (function, n, device) -> prime powers, computed once
 
     @property
     def history(self) -> int:
@@ -67,7 +74,10 @@ class HashNgramEmbedding(nn.Module):
         out = None
         for f in range(self.n_functions):
             for j, n in enumerate(self.ngram_sizes):
-                h = ngram_hash(ids, n, HASH_PRIMES[f], self.table_size, prefix)
+                key = (f, n, ids.device)
+                if key not in self._powers:
+                    self._powers[key] = _powers(HASH_PRIMES[f], n, ids.device)
+                h = ngram_hash(ids, n, HASH_PRIMES[f], self.table_size, prefix, self._powers[key])
                 e = self.tables[f * len(self.ngram_sizes) + j](h)
                 out = e if out is None else out + e
         return out

@@ -52,7 +52,8 @@ class KVCache:
 
     def step(self, positions: torch.Tensor, rows: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
         """One new position per row of `rows` (default: all); returns their attention mask [n, 1, 1, S]."""
-        if rows is None:
+        every_row = rows is None
+        if every_row:
             rows = torch.arange(self.pos.shape[0], device=self.pos.device)
         if self.size is None:
             slots = self.count[rows]
@@ -61,7 +62,7 @@ class KVCache:
         else:
             slots = positions % self.size
         self.pos[rows, slots] = positions
-        self._write = ("step", rows, slots, len(rows) == self.pos.shape[0] and bool((rows == torch.arange(len(rows), device=rows.device)).all()))
+        self._write = ("step", rows, slots, every_row)
         seen = self.pos[rows]  # [n, S]
         mask = (seen >= 0) & (seen <= positions[:, None])
         if window is not None:
@@ -84,8 +85,8 @@ class _LayerCache:
             c.v[i][rows, slots] = v[rows, positions].to(c.v[i].dtype)
             return k, v
         _, rows, slots, every_row = c._write
-        c.k[i][rows, slots] = k[:, 0].to(c.k[i].dtype)
-        c.v[i][rows, slots] = v[:, 0].to(c.v[i].dtype)
+        c.k[i][rows, slots] = k[:, 0]
+        c.v[i][rows, slots] = v[:, 0]
         if every_row:
             return c.k[i], c.v[i]
         return c.k[i][rows], c.v[i][rows]

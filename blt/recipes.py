@@ -52,6 +52,21 @@ def log_final(out: Path, result: dict) -> None:
     log_metrics(out, {"step": step, "final": True, **{f"val_{k}": v for k, v in result.items()}})
 
 
+def lm_forward(model, batch) -> torch.Tensor:
+    """Training loss of an LM over ids (the entropy model, the byte and token baselines)."""
+    return lm_loss(model(batch["ids"]), batch["targets"])
+
+
+def blt_forward(patcher):
+    """Training loss of a BLT whose patches come from `patcher` (or from the batch's cached entropies)."""
+
+    def forward(model, batch):
+        starts = patch_starts_for(patcher, batch["ids"], batch.get("entropies"))
+        return lm_loss(model(batch["ids"], patch_starts=starts), batch["targets"])
+
+    return forward
+
+
 def _split_streams(paths, val_fraction, split, encode_doc=None):
     docs = read_documents(paths)
     train_docs, val_docs = split_documents(docs, val_fraction, split)
@@ -85,7 +100,7 @@ def train_entropy(data: list[str], out: str | Path, preset: str = "demo", resume
     def validate(m):
         return evaluate_stream(m, val_stream, cfg.seq_len, entropies=None, max_windows=cfg.eval_windows) if len(val_stream) > 1 else {"bpb": float("nan")}
 
-    train_loop(model, seqs, cfg, out, lambda m, b: lm_loss(m(b["ids"]), b["targets"]), validate, resume, d, progress)
+    train_loop(model, seqs, cfg, out, lm_forward, validate, resume, d, progress)
     result = {}
     if d.main:
         model.eval()
@@ -163,14 +178,10 @@ def train_blt(data: list[str], out: str | Path, entropy_model: str | Path | None
 
     seqs = PackedSequences(train_stream, cfg.seq_len, train_ent)
 
-    def forward(m, batch):
-        starts = patch_starts_for(patcher, batch["ids"], batch.get("entropies"))
-        return lm_loss(m(batch["ids"], patch_starts=starts), batch["targets"])
-
     def validate(m):
         return evaluate_stream(m, val_stream, cfg.seq_len, entropies=val_ent, max_windows=cfg.eval_windows) if len(val_stream) > 1 else {"bpb": float("nan")}
 
-    train_loop(model, seqs, cfg, out, forward, validate, resume, d, progress)
+    train_loop(model, seqs, cfg, out, blt_forward(patcher), validate, resume, d, progress)
     result = {}
     if d.main:
         model.eval()
