@@ -181,6 +181,64 @@ def _load_blt(path, device):
     return model
 
 
+def _compare(args) -> None:
+    from blt.compare import run_compare
+
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        raise BltError(f"--budgets must be comma-separated numbers such as 1e13,3e13, got {args.budgets!r}") from None
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    run_compare(args.data, budgets, models, args.out, seq_len=args.seq_len, batch_size=args.batch_size, bpe_vocab=args.bpe_vocab,
+                val_fraction=args.val_fraction, split=args.split, entropy_steps=args.entropy_steps, title=args.title, report=args.report)
+    stem = args.report.removesuffix(".md") if args.report else f"{args.out}/compare"
+    print(f"report written to {stem}.md (+ {stem}-train.png, {stem}-inference.png)")
+
+
+def _patch(args) -> None:
+    import os
+
+    import numpy as np
+    import torch
+
+    from blt.data import stream_entropies
+    from blt.visualize import patch_html, patch_png, terminal
+
+    model = _load_blt(args.model, "cpu")
+    if args.file:
+        try:
+            data = open(args.file, "rb").read()
+        except FileNotFoundError:
+            raise BltError(f"{args.file}: no such file") from None
+    elif args.text is not None:
+        data = os.fsencode(args.text)  # the bytes as given, even invalid UTF-8
+    else:
+        raise BltError("give a TEXT or --file")
+    if not data:
+        raise BltError("nothing to patch: the text is empty")
+    ids = model.encode(data)
+    entropies = None
+    if model.entropy_model is not None:
+        full = stream_entropies(model.entropy_model, np.asarray(ids.tolist() + [2], dtype=np.int16))[:-1]
+        entropies = torch.from_numpy(full)
+    starts = model.patcher(ids[None], entropies[None] if entropies is not None and model.patcher.uses_entropy else None)[0]
+    shown = model.patcher.mode != "bpe"  # a bpe model's ids carry delimiters: show its bytes as the text
+    byte_starts = starts[1 : len(ids)].tolist()
+    text = bytes(i - 4 for i in ids[1:].tolist()) if shown else bytes(max(i - 4, 0) for i in ids[1:].tolist())
+    byte_entropy = entropies[:-1].tolist() if entropies is not None else None
+    threshold = getattr(model.patcher, "threshold", None)
+    print(terminal(text, byte_starts, color=sys.stdout.isatty() and not args.no_color))
+    n = sum(byte_starts)
+    print(f"{len(text)} bytes, {n} patches, {len(text) / max(n, 1):.2f} bytes per patch ({model.patcher.mode} patching)", file=sys.stderr)
+    if args.html:
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(patch_html(text, byte_starts, byte_entropy, threshold))
+    if args.png:
+        if byte_entropy is None:
+            raise BltError("--png plots entropies: this model has no entropy model")
+        patch_png(args.png, text, byte_starts, byte_entropy, threshold)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blt", description="Byte Latent Transformer: train, evaluate, generate, inspect.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -279,6 +337,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--device")
     p.set_defaults(func=_score)
+
+    from blt.compare import MODELS
+
+    p = sub.add_parser("compare", help="FLOP-matched comparison of BLT against BPE and byte baselines", description=(
+        "For each training-FLOP budget, size every model by one rule (blt/compare.py), train it for exactly that budget, score "
+        "it on the held-out split (clean and under seeded noise), and write DIR/compare.md with PNG plots. Finished runs are "
+        "kept and not redone."
+    ))
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--budgets", required=True, help="comma-separated training FLOPs, e.g. 1e13,3e13,1e14")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seq-len", type=int, default=512, help="bytes per training sequence (default 512)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bpe-vocab", type=int, default=1024, help="BPE vocabulary of the token baseline (default 1024)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--split", choices=["auto", "document", "tail"], default="auto")
+    p.add_argument("--entropy-steps", type=int, default=300, help="training steps of the entropy model (shared by all budgets)")
+    p.add_argument("--title", help="report title")
+    p.add_argument("--report", help="where the report goes (FILE.md, with FILE-train.png and FILE-inference.png beside it; default OUT/compare.md)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("patch", help="show how a model cuts a text into patches", description=(
+        "Coloured patch boundaries in the terminal; --html writes each patch boxed with its bytes coloured by entropy "
+        "(values on hover); --png plots entropy per byte with the threshold and the boundaries. Invalid UTF-8 is shown as hex."
+    ))
+    p.add_argument("--model", required=True)
+    p.add_argument("text", nargs="?", help="the text (or use --file)")
+    p.add_argument("--file", help="read the text from a file")
+    p.add_argument("--html", help="write an HTML page here")
+    p.add_argument("--png", help="write the entropy plot here")
+    p.add_argument("--no-color", action="store_true", help="separate patches with | instead of colours")
+    p.set_defaults(func=_patch)
     return parser
 
 

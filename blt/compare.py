@@ -30,7 +30,7 @@ import torch
 
 from blt.baselines import lm_config, token_byte_lengths, token_stream, token_vocab_size
 from blt.bpe import load_bpe, train_bpe
-from blt.config import BLTConfig, PatchingConfig
+from blt.config import BLTConfig, EntropyModelConfig, PatchingConfig
 from blt.data import Document, PackedSequences, build_stream, read_documents, split_documents, stream_entropies
 from blt.entropy_model import EntropyModel
 from blt.errors import BltError
@@ -49,6 +49,9 @@ MIN_STEPS = 20
 STATIC_PATCH = 4
 TARGET_PATCH_BYTES = 4.5
 NOISE_BYTES = 20_000
+# the entropy model of `blt-entropy`: kept small, as in the paper (its forward pass is counted in the
+# training and inference FLOPs; its own training, shared by every budget, is not)
+ENTROPY_CONFIG = EntropyModelConfig(dim=64, n_layers=2, n_heads=2, ffn_dim=192, sliding_window=256, max_seqlen=8192)
 
 
 def trunk(width: int) -> tuple[int, int, int]:
@@ -187,7 +190,7 @@ class Workspace:
 
     def _entropy_model(self, data, steps, val_fraction, split) -> EntropyModel:
         from blt.checkpoint import load_pretrained
-        from blt.recipes import train_entropy
+        from blt.recipes import lm_forward
 
         path = self.out / "entropy"
         if not (path / "model.safetensors").exists():
@@ -195,7 +198,13 @@ class Workspace:
                 import shutil
 
                 shutil.rmtree(path)
-            train_entropy(data, path, preset="demo", max_steps=steps, val_fraction=val_fraction, split=split, device="cpu", progress=self.progress)
+            torch.manual_seed(0)
+            model = EntropyModel(ENTROPY_CONFIG)
+            init_weights(model)
+            cfg = TrainConfig(seq_len=256, batch_size=16, lr=4e-3, warmup_steps=min(30, steps), max_steps=steps, eval_every=10**9,
+                              ckpt_every=10**9, log_every=max(1, steps // 50))
+            train_loop(model, PackedSequences(self.train_bytes, cfg.seq_len), cfg, path, lm_forward, progress=self.progress)
+            model.save_pretrained(path)
         return load_pretrained(path)
 
     def run(self, p: Plan, batch_size: int, seq_len: int) -> dict:
@@ -278,7 +287,9 @@ class Workspace:
 
 def run_compare(data: list[str], budgets: list[float], models: list[str], out: str | Path, seq_len: int = 512, batch_size: int = 8,
                 bpe_vocab: int = 1024, val_fraction: float = 0.1, split: str = "auto", entropy_steps: int = 300, progress: bool = True,
-                title: str | None = None) -> list[dict]:
+                title: str | None = None, report: str | Path | None = None) -> list[dict]:
+    """Run (or read back) every plan and write the report to `report` (.md, -train.png, -inference.png;
+    default `out`/compare)."""
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise BltError(f"unknown model(s) {', '.join(unknown)}; valid models: {', '.join(MODELS)}")
@@ -292,13 +303,14 @@ def run_compare(data: list[str], budgets: list[float], models: list[str], out: s
         if progress:
             print(f"[{i}/{len(plans)}] {p.model} at {p.budget:.1e} FLOPs: width {p.width}, {p.steps} steps", flush=True)
         results.append(ws.run(p, batch_size, seq_len))
-    write_report(results, ws, out, data, title or "FLOP-matched comparison", seq_len, batch_size, split, val_fraction)
+    stem = Path(report).with_suffix("") if report else out / "compare"
+    write_report(results, ws, stem, data, title or "FLOP-matched comparison", seq_len, batch_size, split, val_fraction)
     return results
 
 
 # ---- report -------------------------------------------------------------------------------------
-def write_report(results: list[dict], ws: Workspace, out: Path, data, title: str, seq_len: int, batch_size: int, split: str, val_fraction: float) -> None:
-    stem = out / "compare"
+def write_report(results: list[dict], ws: Workspace, stem: Path, data, title: str, seq_len: int, batch_size: int, split: str, val_fraction: float) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
     plot_results(results, stem)
     lines = [f"# {title}", "",
              f"Data: {', '.join(map(str, data))}; held out: {split} split, {val_fraction:.0%} "

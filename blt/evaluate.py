@@ -33,12 +33,12 @@ def patch_starts_for(patcher: Patcher, ids: torch.Tensor, entropies: torch.Tenso
     return patcher(ids)
 
 
-@torch.no_grad()
 def byte_lengths() -> torch.Tensor:
     """Bytes per id of the byte vocabulary: 1 for a byte, 0 for a special id."""
     return (torch.arange(VOCAB_SIZE) >= OFFSET).long()
 
 
+@torch.no_grad()
 def evaluate_stream(model, stream: np.ndarray, seq_len: int, batch_size: int = 8, entropies: np.ndarray | None = None,
                     max_windows: int | None = None, autocast=None, bytes_per_id: torch.Tensor | None = None) -> dict:
     """bpb of `model` (a BLT, or an LM over ids such as the entropy model or a token model) over `stream`."""
