@@ -40,6 +40,15 @@ def _prepare_run_dir(out: Path, resume: bool) -> dict | None:
     return None
 
 
+def _run_settings(out: Path, resume: bool, preset, config_cls, overrides: dict):
+    """(saved run description or None, model config, training config): a resumed run keeps its own."""
+    saved = _prepare_run_dir(out, resume)
+    if saved:
+        return saved, config_cls.from_dict(saved["model"]), TrainConfig(**saved["train"])
+    config, hyper = preset()
+    return None, config, _train_config(hyper, overrides)
+
+
 def _train_config(hyper, overrides: dict) -> TrainConfig:
     base = TrainConfig(seq_len=hyper.seq_len, batch_size=hyper.batch_size, lr=hyper.lr, warmup_steps=hyper.warmup_steps, max_steps=hyper.max_steps)
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -67,26 +76,16 @@ def blt_forward(patcher):
     return forward
 
 
-def _split_streams(paths, val_fraction, split, encode_doc=None):
-    docs = read_documents(paths)
-    train_docs, val_docs = split_documents(docs, val_fraction, split)
-    return build_stream(train_docs, encode_doc), build_stream(val_docs, encode_doc), train_docs
-
-
 # ---- entropy model ---------------------------------------------------------------------------
 def train_entropy(data: list[str], out: str | Path, preset: str = "demo", resume: bool = False, val_fraction: float = 0.1,
                   split: str = "auto", device: str | None = None, progress: bool = True, **overrides) -> dict:
     out = Path(out)
     d = setup_distributed(device)
-    saved = _prepare_run_dir(out, resume)
+    saved, config, cfg = _run_settings(out, resume, lambda: entropy_preset(preset), EntropyModelConfig, overrides)
     if saved:
-        config = EntropyModelConfig.from_dict(saved["model"])
-        cfg = TrainConfig(**saved["train"])
         data, val_fraction, split = saved["data"], saved["val_fraction"], saved["split"]
-    else:
-        config, hyper = entropy_preset(preset)
-        cfg = _train_config(hyper, overrides)
-    train_stream, val_stream, _ = _split_streams(data, val_fraction, split)
+    train_docs, val_docs = split_documents(read_documents(data), val_fraction, split)
+    train_stream, val_stream = build_stream(train_docs), build_stream(val_docs)
     seqs = PackedSequences(train_stream, cfg.seq_len)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -129,22 +128,16 @@ def train_blt(data: list[str], out: str | Path, entropy_model: str | Path | None
               device: str | None = None, progress: bool = True, **overrides) -> dict:
     out = Path(out)
     d = setup_distributed(device)
-    saved = _prepare_run_dir(out, resume)
+    saved, config, cfg = _run_settings(out, resume, lambda: blt_preset(preset), BLTConfig, overrides)
     if saved:
-        config = BLTConfig.from_dict(saved["model"])
-        cfg = TrainConfig(**saved["train"])
         data, val_fraction, split, entropy_model = saved["data"], saved["val_fraction"], saved["split"], saved["entropy_model"]
         patching = config.patching.mode
-    else:
-        config, hyper = blt_preset(preset)
-        cfg = _train_config(hyper, overrides)
     if patching == "entropy" and entropy_model is None:
         raise BltError("entropy patching needs --entropy-model (train one with `blt train-entropy`)")
     cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
 
     # data: the bpe patcher needs a tokenizer trained on the training split, and delimiters in the stream
-    docs = read_documents(data)
-    train_docs, val_docs = split_documents(docs, val_fraction, split)
+    train_docs, val_docs = split_documents(read_documents(data), val_fraction, split)
     tokenizer = None
     if patching == "bpe":
         tokenizer = load_bpe(out / "bpe_tokenizer.json") if saved else train_bpe((doc.data for doc in train_docs), bpe_vocab)
