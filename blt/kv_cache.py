@@ -51,19 +51,23 @@ class KVCache:
         self._write = ("prefill", rows, positions, slots)
 
     def step(self, positions: torch.Tensor, rows: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
-        """One new position per row of `rows` (default: all); returns their attention mask [n, 1, 1, S]."""
-        every_row = rows is None
-        if every_row:
-            rows = torch.arange(self.pos.shape[0], device=self.pos.device)
+        """One new position per row of `rows` (sorted; default: all); returns their attention mask
+        [n, 1, 1, S]. A growing cache attends only to its filled slots, not its spare capacity."""
+        batch = self.pos.shape[0]
+        every_row = rows is None or len(rows) == batch  # `rows` is sorted and unique
+        if rows is None:
+            rows = torch.arange(batch, device=self.pos.device)
         if self.size is None:
             slots = self.count[rows]
             self._grow(int(slots.max()) + 1)
             self.count[rows] += 1
+            used = int(self.count[rows].max())
         else:
             slots = positions % self.size
+            used = self.pos.shape[1]
         self.pos[rows, slots] = positions
-        self._write = ("step", rows, slots, every_row)
-        seen = self.pos[rows]  # [n, S]
+        self._write = ("step", rows, slots, every_row, used)
+        seen = (self.pos if every_row else self.pos[rows])[:, :used]  # [n, S]
         mask = (seen >= 0) & (seen <= positions[:, None])
         if window is not None:
             mask &= seen > positions[:, None] - window
@@ -84,9 +88,9 @@ class _LayerCache:
             c.k[i][rows, slots] = k[rows, positions].to(c.k[i].dtype)
             c.v[i][rows, slots] = v[rows, positions].to(c.v[i].dtype)
             return k, v
-        _, rows, slots, every_row = c._write
+        _, rows, slots, every_row, used = c._write
         c.k[i][rows, slots] = k[:, 0]
         c.v[i][rows, slots] = v[:, 0]
         if every_row:
-            return c.k[i], c.v[i]
-        return c.k[i][rows], c.v[i][rows]
+            return c.k[i][:, :used], c.v[i][:, :used]
+        return c.k[i][rows, :used], c.v[i][rows, :used]
