@@ -434,7 +434,7 @@ def config_from_release(args: dict, patcher_args: dict | None = None) -> BLTConf
     dim_enc = int(args.get("dim_local_encoder", 512))
     if args.get("dim_token") not in (None, dim_enc):
         raise BltError(f"release config sets dim_token={args['dim_token']}; only dim_token = dim_local_encoder is supported")
-    for stack, dim, heads in (("", dim_enc, args.get("n_heads_local_encoder", 8)), ("_global", args.get("dim_global", 512), args.get("n_heads_global", 8))):
+    for dim, heads in ((dim_enc, args.get("n_heads_local_encoder", 8)), (args.get("dim_global", 512), args.get("n_heads_global", 8))):
         if args.get("head_dim") not in (None, dim // int(heads)):
             raise BltError(f"release config sets head_dim={args['head_dim']}; only dim / n_heads is supported")
     sizes = args.get("encoder_hash_byte_group_size") or []

@@ -119,7 +119,6 @@ def _demo(args) -> None:
 def _generate(args) -> None:
     import os
 
-    from blt.checkpoint import load_pretrained
     from blt.tokenizer import StreamDecoder
 
     model = _load_blt(args.model, args.device)
@@ -222,10 +221,11 @@ def _patch(args) -> None:
         full = stream_entropies(model.entropy_model, np.asarray(ids.tolist() + [2], dtype=np.int16))[:-1]
         entropies = torch.from_numpy(full)
     starts = model.patcher(ids[None], entropies[None] if entropies is not None and model.patcher.uses_entropy else None)[0]
-    shown = model.patcher.mode != "bpe"  # a bpe model's ids carry delimiters: show its bytes as the text
-    byte_starts = starts[1 : len(ids)].tolist()
-    text = bytes(i - 4 for i in ids[1:].tolist()) if shown else bytes(max(i - 4, 0) for i in ids[1:].tolist())
-    byte_entropy = entropies[:-1].tolist() if entropies is not None else None
+    # the bytes after BOS; a bpe model's delimiters are not bytes: its patches start after them
+    positions = [q for q in range(1, len(ids)) if ids[q] >= 4]
+    text = bytes(int(ids[q]) - 4 for q in positions)
+    byte_starts = [bool(starts[q]) for q in positions]
+    byte_entropy = [float(entropies[q - 1]) for q in positions] if entropies is not None else None  # H[q-1] predicts byte q
     threshold = getattr(model.patcher, "threshold", None)
     print(terminal(text, byte_starts, color=sys.stdout.isatty() and not args.no_color))
     n = sum(byte_starts)

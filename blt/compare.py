@@ -38,7 +38,7 @@ from blt.evaluate import evaluate_stream
 from blt.flops import entropy_model_flops, flops_per_byte
 from blt.model import BLT, init_weights
 from blt.noise import PERTURBATIONS, perturb
-from blt.patching import EntropyPatcher, SpacePatcher, StaticPatcher, build_patcher, threshold_for_mean_patch
+from blt.patching import EntropyPatcher, SpacePatcher, StaticPatcher, threshold_for_mean_patch
 from blt.train import TrainConfig, train_loop
 from blt.transformer import ffn_hidden_dim
 

@@ -65,7 +65,6 @@ def run_demo(out: str | Path = "runs/demo", entropy_steps: int = 300, blt_steps:
     from blt.checkpoint import load_pretrained
     from blt.data import build_stream, read_documents, split_documents, stream_entropies
     from blt.evaluate import unigram_bpb
-    from blt.generation import generate_recompute
     from blt.recipes import train_blt, train_entropy
     from blt.visualize import loss_curves_png, patch_html, patch_png
 
@@ -91,7 +90,7 @@ def run_demo(out: str | Path = "runs/demo", entropy_steps: int = 300, blt_steps:
 
     say("\n[3/3] sampling and drawing patches")
     model = load_pretrained(out / "blt")
-    sample = generate_recompute(model, [SAMPLE_PROMPT], max_new_bytes=160, temperature=0.7, top_k=20, seed=0)[0]
+    sample = model.generate([SAMPLE_PROMPT], max_new_bytes=160, temperature=0.7, top_k=20, seed=0)[0]
 
     text = val_docs[0].data[:240]
     ids = encode(text)

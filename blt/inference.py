@@ -58,7 +58,6 @@ class IncrementalBLT:
         ids = check_ids(ids.to(device), c.vocab_size)
         lengths = torch.tensor([len(r) for r in rows], device=device)
         batch, rows_idx = len(rows), torch.arange(len(rows), device=device)
-        self.lengths = lengths
 
         # entropies and patches over the (right-padded) prompts
         entropies = None

@@ -6,7 +6,6 @@ Each takes raw text paths and a run directory, and leaves a model `load_pretrain
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
