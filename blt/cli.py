@@ -197,11 +197,7 @@ def _compare(args) -> None:
 def _patch(args) -> None:
     import os
 
-    import numpy as np
-    import torch
-
-    from blt.data import stream_entropies
-    from blt.visualize import patch_html, patch_png, terminal
+    from blt.visualize import patch_html, patch_png, patch_view, terminal
 
     model = _load_blt(args.model, "cpu")
     if args.file:
@@ -215,18 +211,7 @@ def _patch(args) -> None:
         raise BltError("give a TEXT or --file")
     if not data:
         raise BltError("nothing to patch: the text is empty")
-    ids = model.encode(data)
-    entropies = None
-    if model.entropy_model is not None:
-        full = stream_entropies(model.entropy_model, np.asarray(ids.tolist() + [2], dtype=np.int16))[:-1]
-        entropies = torch.from_numpy(full)
-    starts = model.patcher(ids[None], entropies[None] if entropies is not None and model.patcher.uses_entropy else None)[0]
-    # the bytes after BOS; a bpe model's delimiters are not bytes: its patches start after them
-    positions = [q for q in range(1, len(ids)) if ids[q] >= 4]
-    text = bytes(int(ids[q]) - 4 for q in positions)
-    byte_starts = [bool(starts[q]) for q in positions]
-    byte_entropy = [float(entropies[q - 1]) for q in positions] if entropies is not None else None  # H[q-1] predicts byte q
-    threshold = getattr(model.patcher, "threshold", None)
+    text, byte_starts, byte_entropy, threshold = patch_view(model, data)
     print(terminal(text, byte_starts, color=sys.stdout.isatty() and not args.no_color))
     n = sum(byte_starts)
     print(f"{len(text)} bytes, {n} patches, {len(text) / max(n, 1):.2f} bytes per patch ({model.patcher.mode} patching)", file=sys.stderr)

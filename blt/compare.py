@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,8 +196,6 @@ class Workspace:
         path = self.out / "entropy"
         if not (path / "model.safetensors").exists():
             if path.exists():
-                import shutil
-
                 shutil.rmtree(path)
             torch.manual_seed(0)
             model = EntropyModel(ENTROPY_CONFIG)
@@ -214,8 +213,6 @@ class Workspace:
         if summary.exists():
             return json.loads(summary.read_text())
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)  # an unfinished run starts over: its budget is spent in one go
         cfg = TrainConfig(seq_len=seq_len, batch_size=batch_size, lr=learning_rate(p.width), warmup_steps=max(1, min(100, p.steps // 10)),
                           max_steps=p.steps, eval_every=10**9, ckpt_every=10**9, log_every=max(1, p.steps // 50))

@@ -14,10 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
-from blt.tokenizer import encode
 
 SAMPLE_PROMPT = "The if statement is used for"
 SECTION_BYTES = 3000
@@ -63,10 +60,10 @@ def write_corpus(directory: Path) -> Path:
 
 def run_demo(out: str | Path = "runs/demo", entropy_steps: int = 300, blt_steps: int = 220, quiet: bool = False) -> dict:
     from blt.checkpoint import load_pretrained
-    from blt.data import build_stream, read_documents, split_documents, stream_entropies
+    from blt.data import build_stream, read_documents, split_documents
     from blt.evaluate import unigram_bpb
     from blt.recipes import train_blt, train_entropy
-    from blt.visualize import loss_curves_png, patch_html, patch_png
+    from blt.visualize import loss_curves_png, patch_html, patch_png, patch_view
 
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     start = time.time()
@@ -92,12 +89,7 @@ def run_demo(out: str | Path = "runs/demo", entropy_steps: int = 300, blt_steps:
     model = load_pretrained(out / "blt")
     sample = model.generate([SAMPLE_PROMPT], max_new_bytes=160, temperature=0.7, top_k=20, seed=0)[0]
 
-    text = val_docs[0].data[:240]
-    ids = encode(text)
-    entropies = stream_entropies(model.entropy_model, np.asarray(ids.tolist() + [2], dtype=np.int16))[:-1]
-    starts = model.patcher.starts_from_entropies(torch.from_numpy(entropies)[None])[0]
-    byte_starts, byte_entropy = starts[1 : len(ids)].tolist(), entropies[:-1].tolist()  # drop BOS: H[i] predicts byte i
-    threshold = model.patcher.threshold
+    text, byte_starts, byte_entropy, threshold = patch_view(model, val_docs[0].data[:240])
     (out / "patches.html").write_text(patch_html(text, byte_starts, byte_entropy, threshold, "BLT entropy patches (demo)"), encoding="utf-8")
     patch_png(out / "patches.png", text[:96], byte_starts, byte_entropy, threshold, "Entropy of each byte under the demo entropy model")
     loss_curves_png(out / "loss.png", {"entropy model": out / "entropy", "BLT": out / "blt"})

@@ -26,7 +26,8 @@ from blt.errors import BltError
 from blt.generation import StopChecker, allowed_ids, check_generation_args, row_generators, sample_next
 from blt.kv_cache import KVCache
 from blt.model import BLT, check_ids
-from blt.patching import EntropyPatcher
+from blt.masks import sequence_self_mask
+from blt.patching import EntropyPatcher, limit_patch_length
 from blt.tokenizer import BOE_ID, EOS_ID, OFFSET
 
 
@@ -68,7 +69,7 @@ class IncrementalBLT:
             self.entropy_cache.prefill(lengths)
             entropies = entropy(em(ids, cache=self.entropy_cache))
         raw = self.patcher.boundaries(ids, entropies)
-        starts = self.patcher(ids, entropies)
+        starts = limit_patch_length(raw, self.patcher.max_patch_length)
         patch_of = starts.long().cumsum(1) - 1
         closed = patch_of[rows_idx, lengths]  # patches that ended before the next byte
         if int(closed.max()) > c.max_seqlen:
@@ -76,8 +77,6 @@ class IncrementalBLT:
 
         # local encoder, global transformer over the closed patches, local decoder
         window = c.local_attention_window_len
-        from blt.masks import sequence_self_mask
-
         self_mask = sequence_self_mask(ids, window, c.local_document_mask)
         enc, dec, glb = m.local_encoder, m.local_decoder, m.global_transformer
         self.encoder_cache = self._local_cache(c.n_layers_local_encoder, c.n_heads_local_encoder, batch, device, dtype)
@@ -99,9 +98,9 @@ class IncrementalBLT:
         self.read_kv = [(k[rows_idx, last][:, None], v[rows_idx, last][:, None]) for k, v in dec.patch_kv(global_out)]
         self.positions = lengths.clone()
         self.n_patches = closed.clone()
-        self.opens = starts[rows_idx, lengths]  # does the next byte open a patch?
+        opens = starts[rows_idx, lengths]  # does the next byte open a patch?
         pos = torch.arange(ids.shape[1] + 1, device=device)
-        self.last_start = torch.where(raw, pos, torch.zeros_like(pos))[:, : ids.shape[1] + 1].masked_fill(pos > lengths[:, None], 0).max(1).values
+        self.last_start = torch.where(raw, pos, torch.zeros_like(pos)).masked_fill(pos > lengths[:, None], 0).max(1).values
         history = max(self.hash_history, 2)
         self.history = torch.stack([self._tail(ids[b, : lengths[b]], history) for b in range(batch)])
         self.prev_entropy = self.cur_entropy = None
@@ -110,7 +109,7 @@ class IncrementalBLT:
             self.cur_entropy = entropies[rows_idx, lengths - 1]
         # byte states of each row's open patch (empty when the next byte opens a patch)
         patch_start = torch.where(starts, pos, torch.zeros_like(pos)).masked_fill(pos >= lengths[:, None], 0).max(1).values
-        self.open = [[s[b, patch_start[b] : lengths[b]] if not self.opens[b] else s[b, :0] for s in states] for b in range(batch)]
+        self.open = [[s[b, patch_start[b] : lengths[b]] if not opens[b] else s[b, :0] for s in states] for b in range(batch)]
         return logits
 
     def _local_cache(self, n_layers, n_heads, batch, device, dtype) -> KVCache:
@@ -170,7 +169,6 @@ class IncrementalBLT:
 
         logits = m.local_decoder.step(h, self.read_kv, pos, window, self.decoder_cache)
         self.positions = pos + 1
-        self.opens = opens_next
         return logits
 
     def _pool_open(self, rows: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,29 @@ from pathlib import Path
 from blt.tokenizer import OFFSET
 
 
+def patch_view(model, data: bytes) -> tuple[bytes, list[bool], list[float] | None, float | None]:
+    """What a model's patcher makes of `data`: its bytes, a patch-start flag per byte, the entropy
+    of predicting each byte (None without an entropy model) and the threshold.
+
+    BOS is left out; a `bpe` model's delimiters are not bytes, and its patches start after them."""
+    import numpy as np
+    import torch
+
+    from blt.data import stream_entropies
+    from blt.tokenizer import EOS_ID
+
+    ids = model.encode(data)
+    entropies = None
+    if model.entropy_model is not None:  # with document context, as training saw it
+        entropies = torch.from_numpy(stream_entropies(model.entropy_model, np.asarray(ids.tolist() + [EOS_ID], dtype=np.int16))[:-1])
+    starts = model.patcher(ids[None], entropies[None] if entropies is not None and model.patcher.uses_entropy else None)[0]
+    positions = [q for q in range(1, len(ids)) if ids[q] >= OFFSET]
+    text = bytes(int(ids[q]) - OFFSET for q in positions)
+    byte_starts = [bool(starts[q]) for q in positions]
+    byte_entropy = [float(entropies[q - 1]) for q in positions] if entropies is not None else None  # H[q-1] predicts byte q
+    return text, byte_starts, byte_entropy, getattr(model.patcher, "threshold", None)
+
+
 def characters(data: bytes) -> list[tuple[int, int, str | None]]:
     """Split `data` into (start, end, text) units: a valid UTF-8 character, or one undecodable byte
     (text None), so that every byte is shown exactly once."""
