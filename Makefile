@@ -20,6 +20,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/blt demo
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 clean:

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 import blt
-from blt.checkpoint import save_hf
 from blt.config import PatchingConfig
-from blt.generation import generate_recompute
-from blt.model import init_weights
-from blt.patching import EntropyPatcher, threshold_for_mean_patch
+from blt.inference import generate_recompute
+from blt.model.blt import init_weights
+from blt.model.patching import EntropyPatcher, threshold_for_mean_patch
 from blt.presets import blt_preset, entropy_preset
+from blt.weights.hf import save_hf
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "The with statement is used to wrap the execution of a block with methods defined by a context manager."
@@ -44,11 +44,14 @@ def build(name: str) -> blt.BLT:
     init_weights(em)
     with torch.no_grad():
         em.output.weight.mul_(8.0)  # a peaked random LM: entropies vary from byte to byte
-    from blt.demo import stdlib_corpus
+    from blt.experiments.demo import stdlib_corpus
 
     sample = torch.stack([blt.encode(t.encode()[:511]) for _, t in stdlib_corpus()[:16] if len(t.encode()) >= 511])
     theta = threshold_for_mean_patch(list(em.entropies(sample)), 4.5)
-    model = blt.BLT(dataclasses.replace(config, patching=PatchingConfig(mode="entropy", threshold=theta)), patcher=EntropyPatcher(em, theta))
+    model = blt.BLT(
+        dataclasses.replace(config, patching=PatchingConfig(mode="entropy", threshold=theta)),
+        patcher=EntropyPatcher(em, theta),
+    )
     with torch.no_grad():
         model.local_decoder.output.weight.mul_(4.0)
     return model.eval()
@@ -68,28 +71,44 @@ def compare(name: str, lengths: list[int]) -> dict:
         save_hf(model, tmp)
         hf = BltForCausalLM.from_pretrained(tmp).eval()
     prompt_ids = model.encode(PROMPT)[None]
-    result = {"config": name, "params": model.num_params(), "params_without_embeddings": model.num_params(embeddings=False), "runs": []}
+    result = {
+        "config": name,
+        "params": model.num_params(),
+        "params_without_embeddings": model.num_params(embeddings=False),
+        "runs": [],
+    }
     for n in lengths:
         cached_rate, cached = bytes_per_s(lambda: model.generate([PROMPT], n, stop_at_eos=False)[0], n)
-        recompute_rate, recomputed = bytes_per_s(lambda: generate_recompute(model, [PROMPT], n, stop_at_eos=False)[0], n)
+        recompute_rate, recomputed = bytes_per_s(
+            lambda: generate_recompute(model, [PROMPT], n, stop_at_eos=False)[0], n
+        )
 
         def hf_generate():
             with torch.no_grad():
-                out = hf.generate(prompt_ids, max_new_tokens=n, do_sample=False, use_cache=False, suppress_tokens=SPECIAL, pad_token_id=0)
+                out = hf.generate(
+                    prompt_ids,
+                    max_new_tokens=n,
+                    do_sample=False,
+                    use_cache=False,
+                    suppress_tokens=SPECIAL,
+                    pad_token_id=0,
+                )
             return blt.tokenizer.ids_to_bytes(out[0, prompt_ids.shape[1] :])
 
         hf_rate, theirs = bytes_per_s(hf_generate, n)
         ids = torch.cat([prompt_ids[0], torch.tensor([b + 4 for b in cached])])[None]
-        result["runs"].append({
-            "new_bytes": n,
-            "cached_bytes_per_s": cached_rate,
-            "recompute_bytes_per_s": recompute_rate,
-            "transformers_uncached_bytes_per_s": hf_rate,
-            "speedup_vs_transformers": cached_rate / hf_rate,
-            "speedup_vs_recompute": cached_rate / recompute_rate,
-            "identical_output": cached == recomputed == theirs,
-            "mean_patch_bytes": ids.shape[1] / int(model.patch_starts(ids)[:, : ids.shape[1]].sum()),
-        })
+        result["runs"].append(
+            {
+                "new_bytes": n,
+                "cached_bytes_per_s": cached_rate,
+                "recompute_bytes_per_s": recompute_rate,
+                "transformers_uncached_bytes_per_s": hf_rate,
+                "speedup_vs_transformers": cached_rate / hf_rate,
+                "speedup_vs_recompute": cached_rate / recompute_rate,
+                "identical_output": cached == recomputed == theirs,
+                "mean_patch_bytes": ids.shape[1] / int(model.patch_starts(ids)[:, : ids.shape[1]].sum()),
+            }
+        )
         print(json.dumps({"config": name, **result["runs"][-1]}))
     return result
 
@@ -111,8 +130,14 @@ def latency(name: str, n_bytes: int) -> dict:
         return statistics.mean(window)
 
     last = positions[-1] - 100
-    return {"config": name, "positions": positions, "seconds": times, "mean_at_600": around(600), f"mean_at_{last}": around(last),
-            "ratio_end_vs_600": around(last) / around(600)}
+    return {
+        "config": name,
+        "positions": positions,
+        "seconds": times,
+        "mean_at_600": around(600),
+        f"mean_at_{last}": around(last),
+        "ratio_end_vs_600": around(last) / around(600),
+    }
 
 
 def plot(lat: dict, path: Path) -> None:
@@ -146,13 +171,25 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "generate.json"))
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
-    results = {"benchmark": "generate", "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "prompt_bytes": len(PROMPT.encode()), "comparisons": [compare(c, lengths) for c in args.configs.split(",")]}
+    results = {
+        "benchmark": "generate",
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "prompt_bytes": len(PROMPT.encode()),
+        "comparisons": [compare(c, lengths) for c in args.configs.split(",")],
+    }
     lat = latency(args.latency_config, args.latency_bytes)
     plot(lat, Path(args.out).with_name("generate_latency.png"))
     results["latency"] = {k: v for k, v in lat.items() if k not in ("positions", "seconds")}
     results["targets"] = {
-        ">= 50x transformers at 1024 new bytes": all(r["speedup_vs_transformers"] >= 50 for c in results["comparisons"] for r in c["runs"] if r["new_bytes"] == 1024),
+        ">= 50x transformers at 1024 new bytes": all(
+            r["speedup_vs_transformers"] >= 50
+            for c in results["comparisons"]
+            for r in c["runs"]
+            if r["new_bytes"] == 1024
+        ),
         "latency at the end within 1.3x of position 600": lat["ratio_end_vs_600"] <= 1.3,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

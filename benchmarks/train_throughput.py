@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 import blt
-from blt.checkpoint import save_hf
 from blt.config import EntropyModelConfig, PatchingConfig
 from blt.flops import entropy_model_flops, flops_per_byte
-from blt.model import init_weights
-from blt.patching import SpacePatcher, starts_to_lengths
+from blt.model.blt import init_weights
+from blt.model.patching import SpacePatcher, starts_to_lengths
 from blt.presets import blt_preset
+from blt.weights.hf import save_hf
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,7 +47,7 @@ def timed(fn, steps: int, warmup: int = 2) -> float:
 
 
 def corpus_batch(batch: int, seq_len: int) -> torch.Tensor:
-    from blt.demo import stdlib_corpus
+    from blt.experiments.demo import stdlib_corpus
 
     text = "\n\n".join(t for _, t in stdlib_corpus()).encode()
     rows = [blt.encode(text[i * seq_len * 3 : i * seq_len * 3 + seq_len - 1]) for i in range(batch)]
@@ -66,7 +66,7 @@ def measure(preset: str, seq_len: int, batch: int, steps: int) -> dict:
     inputs, targets = ids[:, :-1], ids[:, 1:]
     starts = model.patch_starts(inputs)
     lengths = starts_to_lengths(starts)  # include-next-byte form: both models get the same patches
-    mean_patch = inputs.numel() / int(starts[:, : seq_len].sum())
+    mean_patch = inputs.numel() / int(starts[:, :seq_len].sum())
     n_bytes = inputs.numel()
     useful = flops_per_byte(config, seq_len, mean_patch)["training_total"] * n_bytes
 
@@ -89,7 +89,9 @@ def measure(preset: str, seq_len: int, batch: int, steps: int) -> dict:
         hf = BltForCausalLM.from_pretrained(tmp).train()
     with torch.no_grad():  # the same model on both sides
         a = model(inputs[:1, :256], patch_lengths=starts_to_lengths(model.patch_starts(inputs[:1, :256])))
-        b = hf(inputs[:1, :256], patch_lengths=starts_to_lengths(model.patch_starts(inputs[:1, :256])), use_cache=False).logits
+        b = hf(
+            inputs[:1, :256], patch_lengths=starts_to_lengths(model.patch_starts(inputs[:1, :256])), use_cache=False
+        ).logits
         agree = float((a - b).abs().max())
 
     def hf_fwd_bwd():
@@ -101,8 +103,14 @@ def measure(preset: str, seq_len: int, batch: int, steps: int) -> dict:
     # once per patch: the entropy-model architecture (the same block, the same 512-byte sliding window
     # as every byte-level stack here; this is also the `byte` baseline) and a full-causal variant
     def plain_model(window):
-        cfg = EntropyModelConfig(dim=config.dim_global, n_layers=config.n_layers_global, n_heads=config.n_heads_global,
-                                 ffn_dim=config.ffn_dims[1], sliding_window=window, max_seqlen=seq_len)
+        cfg = EntropyModelConfig(
+            dim=config.dim_global,
+            n_layers=config.n_layers_global,
+            n_heads=config.n_heads_global,
+            ffn_dim=config.ffn_dims[1],
+            sliding_window=window,
+            max_seqlen=seq_len,
+        )
         m = blt.EntropyModel(cfg)
         init_weights(m)
 
@@ -136,16 +144,30 @@ def measure(preset: str, seq_len: int, batch: int, steps: int) -> dict:
         "ours_fwd_bwd": {"seconds": t_ours, "bytes_per_s": n_bytes / t_ours, "flop_per_s": useful / t_ours},
         "ours_train_step": {"seconds": t_step, "bytes_per_s": n_bytes / t_step, "flop_per_s": useful / t_step},
         "transformers_fwd_bwd": {"seconds": t_hf, "bytes_per_s": n_bytes / t_hf, "flop_per_s": useful / t_hf},
-        "plain_byte_transformer_fwd_bwd": {"seconds": t_plain, "bytes_per_s": n_bytes / t_plain, "flop_per_s": plain_useful / t_plain,
-                                           "config": plain_cfg.to_dict()},
-        "plain_full_causal_fwd_bwd": {"seconds": t_causal, "bytes_per_s": n_bytes / t_causal, "flop_per_s": causal_useful / t_causal,
-                                      "config": causal_cfg.to_dict()},
+        "plain_byte_transformer_fwd_bwd": {
+            "seconds": t_plain,
+            "bytes_per_s": n_bytes / t_plain,
+            "flop_per_s": plain_useful / t_plain,
+            "config": plain_cfg.to_dict(),
+        },
+        "plain_full_causal_fwd_bwd": {
+            "seconds": t_causal,
+            "bytes_per_s": n_bytes / t_causal,
+            "flop_per_s": causal_useful / t_causal,
+            "config": causal_cfg.to_dict(),
+        },
     }
     result["speedup_vs_transformers"] = t_hf / t_ours
-    result["flop_per_s_ratio_vs_plain"] = result["ours_fwd_bwd"]["flop_per_s"] / result["plain_byte_transformer_fwd_bwd"]["flop_per_s"]
-    result["flop_per_s_ratio_vs_full_causal"] = result["ours_fwd_bwd"]["flop_per_s"] / result["plain_full_causal_fwd_bwd"]["flop_per_s"]
-    result["targets"] = {"speedup_vs_transformers >= 1.5": result["speedup_vs_transformers"] >= 1.5,
-                         "flop_per_s_ratio_vs_plain >= 0.8": result["flop_per_s_ratio_vs_plain"] >= 0.8}
+    result["flop_per_s_ratio_vs_plain"] = (
+        result["ours_fwd_bwd"]["flop_per_s"] / result["plain_byte_transformer_fwd_bwd"]["flop_per_s"]
+    )
+    result["flop_per_s_ratio_vs_full_causal"] = (
+        result["ours_fwd_bwd"]["flop_per_s"] / result["plain_full_causal_fwd_bwd"]["flop_per_s"]
+    )
+    result["targets"] = {
+        "speedup_vs_transformers >= 1.5": result["speedup_vs_transformers"] >= 1.5,
+        "flop_per_s_ratio_vs_plain >= 0.8": result["flop_per_s_ratio_vs_plain"] >= 0.8,
+    }
     return result
 
 
@@ -164,11 +186,27 @@ def main() -> None:
         seq_len, batch = (int(x) for x in setting.split("x"))
         result = measure(cli.preset, seq_len, batch, cli.steps)
         runs.append(result)
-        keys = ("seq_len", "batch", "speedup_vs_transformers", "flop_per_s_ratio_vs_plain", "flop_per_s_ratio_vs_full_causal", "targets")
+        keys = (
+            "seq_len",
+            "batch",
+            "speedup_vs_transformers",
+            "flop_per_s_ratio_vs_plain",
+            "flop_per_s_ratio_vs_full_causal",
+            "targets",
+        )
         print(json.dumps({k: result[k] for k in keys}, indent=2))
-        for name in ("ours_fwd_bwd", "ours_train_step", "transformers_fwd_bwd", "plain_byte_transformer_fwd_bwd", "plain_full_causal_fwd_bwd"):
+        for name in (
+            "ours_fwd_bwd",
+            "ours_train_step",
+            "transformers_fwd_bwd",
+            "plain_byte_transformer_fwd_bwd",
+            "plain_full_causal_fwd_bwd",
+        ):
             r = result[name]
-            print(f"{name:32s} {r['seconds']:.3f} s  {r['bytes_per_s'] / 1e3:8.1f} KB/s  {r['flop_per_s'] / 1e9:7.1f} GFLOP/s")
+            print(
+                f"{name:32s} {r['seconds']:.3f} s  {r['bytes_per_s'] / 1e3:8.1f} KB/s  "
+                f"{r['flop_per_s'] / 1e9:7.1f} GFLOP/s"
+            )
     Path(cli.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cli.out).write_text(json.dumps({"benchmark": "train_throughput", "runs": runs}, indent=2) + "\n")
 

@@ -1,11 +1,19 @@
-"""blt: the Byte Latent Transformer in plain PyTorch."""
+"""blt: the Byte Latent Transformer in plain PyTorch.
 
-from blt.checkpoint import convert, load_pretrained
+The package in layers, each importing only from those below it:
+
+    blt.errors, blt.tokenizer, blt.config, blt.bpe, blt.presets, blt.flops   shared ground
+    blt.model         the network and its patchers
+    blt.inference     caches, the decoding engine, generate / stream / score
+    blt.weights       file layouts, load_pretrained / save_pretrained, convert
+    blt.training      data, the loop, checkpoints, distributed, evaluation, recipes
+    blt.experiments   FLOP-matched comparison, baselines, noise, pictures, the demo
+    blt.cli           the `blt` command
+"""
+
 from blt.config import BLTConfig, EntropyModelConfig, PatchingConfig
-from blt.entropy_model import EntropyModel
 from blt.errors import BltError
-from blt.model import BLT
-from blt.patching import (
+from blt.model.patching import (
     BpePatcher,
     BytePatcher,
     EntropyPatcher,
@@ -16,6 +24,7 @@ from blt.patching import (
     calibrate_threshold,
 )
 from blt.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, StreamDecoder, decode, encode, encode_batch
+from blt.weights import BLT, EntropyModel, convert, load_blt, load_entropy_model, load_pretrained
 
 __all__ = [
     "BLT",
@@ -40,6 +49,8 @@ __all__ = [
     "decode",
     "encode",
     "encode_batch",
+    "load_blt",
+    "load_entropy_model",
     "load_pretrained",
 ]
 __version__ = "0.1.0"

@@ -27,7 +27,10 @@ def train_bpe(texts: Iterable[str | bytes], vocab_size: int) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated")
     trainer = trainers.BpeTrainer(
-        vocab_size=max(vocab_size, 256), initial_alphabet=[chr(i) for i in range(256)], special_tokens=[], show_progress=False
+        vocab_size=max(vocab_size, 256),
+        initial_alphabet=[chr(i) for i in range(256)],
+        special_tokens=[],
+        show_progress=False,
     )
     tokenizer.train_from_iterator((_as_text(to_bytes(t)) for t in texts), trainer)
     return tokenizer

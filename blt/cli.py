@@ -7,26 +7,46 @@ with status 2; Ctrl-C exits with 130. Neither prints a traceback.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
+import torch
+
+from blt.config import BLTConfig
 from blt.errors import BltError
+from blt.experiments.compare import MODELS, run_compare
+from blt.experiments.demo import run_demo
+from blt.experiments.visualize import patch_html, patch_png, patch_view, terminal
+from blt.flops import flops_per_byte, format_table
+from blt.inference import score
+from blt.presets import BLT_PRESETS, ENTROPY_PRESETS
+from blt.tokenizer import StreamDecoder
+from blt.training.recipes import evaluate_model, train_blt, train_entropy
+from blt.weights import convert, load_blt
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
 def _convert(args) -> None:
-    from blt.checkpoint import convert
-
     convert(args.src, args.dst, to=args.to, entropy_model=args.entropy_model)
     print(f"wrote {args.dst} ({'our format' if args.to == 'ours' else 'transformers BltForCausalLM layout'})")
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files, directories or globs (.txt, .jsonl with a 'text' field, .gz, any bytes)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="text files, directories or globs (.txt, .jsonl with a 'text' field, .gz, any bytes)",
+    )
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl and the final model")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
-    p.add_argument("--max-minutes", type=float, help="stop after this much training time (a checkpoint and the model are written)")
+    p.add_argument(
+        "--max-minutes", type=float, help="stop after this much training time (a checkpoint and the model are written)"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--batch-size", type=int, help="sequences per optimizer step (summed over ranks)")
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
@@ -38,42 +58,84 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, help="write metrics every N steps")
     p.add_argument("--seed", type=int)
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share (default 0.1)")
-    p.add_argument("--split", choices=["auto", "document", "tail"], default="auto",
-                   help="hold out whole documents, or the tail of each (auto: documents when there are >= 20)")
+    p.add_argument(
+        "--split",
+        choices=["auto", "document", "tail"],
+        default="auto",
+        help="hold out whole documents, or the tail of each (auto: documents when there are >= 20)",
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
 def _overrides(args) -> dict:
-    keys = ("max_steps", "max_minutes", "batch_size", "grad_accum", "seq_len", "lr", "warmup_steps", "eval_every", "ckpt_every", "log_every", "seed")
+    keys = (
+        "max_steps",
+        "max_minutes",
+        "batch_size",
+        "grad_accum",
+        "seq_len",
+        "lr",
+        "warmup_steps",
+        "eval_every",
+        "ckpt_every",
+        "log_every",
+        "seed",
+    )
     return {k: getattr(args, k) for k in keys}
 
 
 def _train_entropy(args) -> None:
-    from blt.recipes import train_entropy
-
-    result = train_entropy(args.data, args.out, preset=args.preset, resume=args.resume, val_fraction=args.val_fraction,
-                           split=args.split, device=args.device, **_overrides(args))
+    result = train_entropy(
+        args.data,
+        args.out,
+        preset=args.preset,
+        resume=args.resume,
+        val_fraction=args.val_fraction,
+        split=args.split,
+        device=args.device,
+        **_overrides(args),
+    )
     if result:
-        print(f"entropy model written to {args.out}: validation bpb {result['bpb']:.3f} (unigram {result['unigram_bpb']:.3f})")
+        print(
+            f"entropy model written to {args.out}: validation bpb {result['bpb']:.3f} (unigram "
+            f"{result['unigram_bpb']:.3f})"
+        )
 
 
 def _train(args) -> None:
-    from blt.recipes import train_blt
-
-    result = train_blt(args.data, args.out, entropy_model=args.entropy_model, patching=args.patching, target_patch_bytes=args.target_patch_bytes,
-                       threshold=args.threshold, preset=args.preset, resume=args.resume, val_fraction=args.val_fraction, split=args.split,
-                       bpe_vocab=args.bpe_vocab, cache_dir=args.cache_dir, device=args.device, **_overrides(args))
+    result = train_blt(
+        args.data,
+        args.out,
+        entropy_model=args.entropy_model,
+        patching=args.patching,
+        target_patch_bytes=args.target_patch_bytes,
+        threshold=args.threshold,
+        preset=args.preset,
+        resume=args.resume,
+        val_fraction=args.val_fraction,
+        split=args.split,
+        bpe_vocab=args.bpe_vocab,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        **_overrides(args),
+    )
     if result and "bpb" in result:
-        print(f"BLT written to {args.out}: validation bpb {result['bpb']:.3f} (unigram {result['unigram_bpb']:.3f}), "
-              f"mean patch {result.get('mean_patch_bytes', float('nan')):.2f} bytes")
+        print(
+            f"BLT written to {args.out}: validation bpb {result['bpb']:.3f} (unigram {result['unigram_bpb']:.3f}), "
+            f"mean patch {result.get('mean_patch_bytes', float('nan')):.2f} bytes"
+        )
 
 
 def _eval(args) -> None:
-    import json
-
-    from blt.recipes import evaluate_model
-
-    r = evaluate_model(args.model, args.data, split=args.split, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir)
+    r = evaluate_model(
+        args.model,
+        args.data,
+        split=args.split,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        device=args.device,
+        cache_dir=args.cache_dir,
+    )
     if args.json:
         print(json.dumps(r))
     else:
@@ -85,16 +147,10 @@ def _eval(args) -> None:
 
 
 def _flops(args) -> None:
-    import json
-
-    from blt.flops import flops_per_byte, format_table
-
     if args.model:
         model = _load_blt(args.model, "cpu")
         config, entropy = model.config, (model.entropy_model.config if model.entropy_model is not None else None)
     else:
-        from blt.config import BLTConfig
-
         try:
             raw = json.loads(open(args.config).read())
         except json.JSONDecodeError as e:
@@ -111,21 +167,24 @@ def _flops(args) -> None:
 
 
 def _demo(args) -> None:
-    from blt.demo import run_demo
-
     run_demo(args.out, entropy_steps=args.entropy_steps, blt_steps=args.blt_steps)
 
 
 def _generate(args) -> None:
-    import os
-
-    from blt.tokenizer import StreamDecoder
-
     model = _load_blt(args.model, args.device)
-    prompt = sys.stdin.buffer.read() if args.prompt == "-" else os.fsencode(args.prompt)  # bytes as given, even invalid UTF-8
+    prompt = (
+        sys.stdin.buffer.read() if args.prompt == "-" else os.fsencode(args.prompt)
+    )  # bytes as given, even invalid UTF-8
     out = sys.stdout.buffer
     decoder = StreamDecoder()
-    kwargs = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop, stop_at_eos=not args.no_stop_at_eos)
+    kwargs = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        stop_at_eos=not args.no_stop_at_eos,
+    )
     try:
         if not args.raw and not args.no_prompt:
             out.write(decoder.feed(prompt).encode())
@@ -141,10 +200,6 @@ def _generate(args) -> None:
 
 
 def _score(args) -> None:
-    import json
-
-    from blt.inference import score
-
     model = _load_blt(args.model, args.device)
     if args.file == "-":
         data = sys.stdin.buffer.read()
@@ -170,35 +225,34 @@ def _score(args) -> None:
 
 
 def _load_blt(path, device):
-    import torch
-
-    from blt.checkpoint import load_pretrained
-
-    model = load_pretrained(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if not hasattr(model, "local_encoder"):
-        raise BltError(f"{path} is an entropy model, not a BLT")
-    return model
+    return load_blt(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _compare(args) -> None:
-    from blt.compare import run_compare
-
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError:
         raise BltError(f"--budgets must be comma-separated numbers such as 1e13,3e13, got {args.budgets!r}") from None
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    run_compare(args.data, budgets, models, args.out, seq_len=args.seq_len, batch_size=args.batch_size, bpe_vocab=args.bpe_vocab,
-                val_fraction=args.val_fraction, split=args.split, entropy_steps=args.entropy_steps, title=args.title, report=args.report)
+    run_compare(
+        args.data,
+        budgets,
+        models,
+        args.out,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        bpe_vocab=args.bpe_vocab,
+        val_fraction=args.val_fraction,
+        split=args.split,
+        entropy_steps=args.entropy_steps,
+        title=args.title,
+        report=args.report,
+    )
     stem = args.report.removesuffix(".md") if args.report else f"{args.out}/compare"
     print(f"report written to {stem}.md (+ {stem}-train.png, {stem}-inference.png)")
 
 
 def _patch(args) -> None:
-    import os
-
-    from blt.visualize import patch_html, patch_png, patch_view, terminal
-
     model = _load_blt(args.model, "cpu")
     if args.file:
         try:
@@ -214,7 +268,10 @@ def _patch(args) -> None:
     text, byte_starts, byte_entropy, threshold = patch_view(model, data)
     print(terminal(text, byte_starts, color=sys.stdout.isatty() and not args.no_color))
     n = sum(byte_starts)
-    print(f"{len(text)} bytes, {n} patches, {len(text) / max(n, 1):.2f} bytes per patch ({model.patcher.mode} patching)", file=sys.stderr)
+    print(
+        f"{len(text)} bytes, {n} patches, {len(text) / max(n, 1):.2f} bytes per patch ({model.patcher.mode} patching)",
+        file=sys.stderr,
+    )
     if args.html:
         with open(args.html, "w", encoding="utf-8") as f:
             f.write(patch_html(text, byte_starts, byte_entropy, threshold))
@@ -225,45 +282,81 @@ def _patch(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blt", description="Byte Latent Transformer: train, evaluate, generate, inspect.")
+    parser = argparse.ArgumentParser(
+        prog="blt", description="Byte Latent Transformer: train, evaluate, generate, inspect."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("convert", help="convert a model directory between formats", description=(
-        "Read a model directory in any supported layout (ours, transformers' BltForCausalLM, the official release's "
-        "params.json + consolidated.pth or config.json {args} + model.safetensors) and write it as ours or as transformers'."
-    ))
+    p = sub.add_parser(
+        "convert",
+        help="convert a model directory between formats",
+        description=(
+            "Read a model directory in any supported layout (ours, transformers' BltForCausalLM, the "
+            "official release's "
+            "params.json + consolidated.pth or config.json {args} + model.safetensors) and write it as ours "
+            "or as transformers'."
+        ),
+    )
     p.add_argument("src", help="model directory to read")
     p.add_argument("dst", help="directory to write")
     p.add_argument("--to", choices=["ours", "hf"], default="ours", help="output layout (default: ours)")
     p.add_argument("--entropy-model", help="entropy model directory, when it does not sit beside the weights")
     p.set_defaults(func=_convert)
 
-    from blt.presets import BLT_PRESETS, ENTROPY_PRESETS
-
-    p = sub.add_parser("train-entropy", help="train the entropy model (a small byte LM)", description="Train the byte-level entropy model whose uncertainty places patch boundaries.")
+    p = sub.add_parser(
+        "train-entropy",
+        help="train the entropy model (a small byte LM)",
+        description="Train the byte-level entropy model whose uncertainty places patch boundaries.",
+    )
     _add_training_options(p)
-    p.add_argument("--preset", choices=list(ENTROPY_PRESETS), default="demo", help="model size and its training defaults (default: demo)")
+    p.add_argument(
+        "--preset",
+        choices=list(ENTROPY_PRESETS),
+        default="demo",
+        help="model size and its training defaults (default: demo)",
+    )
     p.set_defaults(func=_train_entropy)
 
-    p = sub.add_parser("train", help="train a BLT from raw text", description=(
-        "Train a Byte Latent Transformer. With entropy patching the threshold is calibrated to --target-patch-bytes on the "
-        "training data unless --threshold is given; entropies are computed once and cached on disk."
-    ))
+    p = sub.add_parser(
+        "train",
+        help="train a BLT from raw text",
+        description=(
+            "Train a Byte Latent Transformer. With entropy patching the threshold is calibrated to "
+            "--target-patch-bytes on the "
+            "training data unless --threshold is given; entropies are computed once and cached on disk."
+        ),
+    )
     _add_training_options(p)
     p.add_argument("--entropy-model", help="entropy model directory (needed for --patching entropy)")
     p.add_argument("--patching", choices=["entropy", "static", "space", "bpe", "byte"], default="entropy")
-    p.add_argument("--target-patch-bytes", type=float, default=4.5, help="mean patch size to calibrate to (static: the stride)")
+    p.add_argument(
+        "--target-patch-bytes", type=float, default=4.5, help="mean patch size to calibrate to (static: the stride)"
+    )
     p.add_argument("--threshold", type=float, help="entropy threshold (skips calibration)")
     p.add_argument("--bpe-vocab", type=int, default=1024, help="vocabulary of the BPE tokenizer for --patching bpe")
-    p.add_argument("--preset", choices=list(BLT_PRESETS), default="demo", help="model size and its training defaults (default: demo)")
+    p.add_argument(
+        "--preset",
+        choices=list(BLT_PRESETS),
+        default="demo",
+        help="model size and its training defaults (default: demo)",
+    )
     p.add_argument("--cache-dir", help="where entropies are cached (default: ~/.cache/blt)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="bits per byte of a model on text", description="Bits per byte, mean patch size and FLOPs per byte of a saved model.")
+    p = sub.add_parser(
+        "eval",
+        help="bits per byte of a model on text",
+        description="Bits per byte, mean patch size and FLOPs per byte of a saved model.",
+    )
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH")
-    p.add_argument("--split", choices=["all", "train", "val"], default="all", help="score everything (default) or one side of the training split")
+    p.add_argument(
+        "--split",
+        choices=["all", "train", "val"],
+        default="all",
+        help="score everything (default) or one side of the training split",
+    )
     p.add_argument("--seq-len", type=int, help="bytes per scored window (default: the training sequence length)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device")
@@ -271,10 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("flops", help="training and inference FLOPs per byte, by component", description=(
-        "FLOPs per byte by component, the paper's way: matmuls at 2mnk, backward = 2x forward, embedding lookups free, "
-        "attention over the keys each query really reads (real context length and window)."
-    ))
+    p = sub.add_parser(
+        "flops",
+        help="training and inference FLOPs per byte, by component",
+        description=(
+            "FLOPs per byte by component, the paper's way: matmuls at 2mnk, backward = 2x forward, embedding "
+            "lookups free, "
+            "attention over the keys each query really reads (real context length and window)."
+        ),
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model directory")
     src.add_argument("--config", help="a BLT config.json")
@@ -283,20 +381,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_flops)
 
-    p = sub.add_parser("demo", help="train and sample a small BLT on the standard library's docs (no download)", description=(
-        "The main job on an embedded corpus: Python's own help topics. Trains an entropy model and a small BLT on CPU, "
-        "prints validation bits per byte next to a unigram byte model, the mean patch size and a sample, and writes the "
-        "models, patches.html, patches.png and loss.png to --out."
-    ))
+    p = sub.add_parser(
+        "demo",
+        help="train and sample a small BLT on the standard library's docs (no download)",
+        description=(
+            "The main job on an embedded corpus: Python's own help topics. Trains an entropy model and a "
+            "small BLT on CPU, "
+            "prints validation bits per byte next to a unigram byte model, the mean patch size and a sample, "
+            "and writes the "
+            "models, patches.html, patches.png and loss.png to --out."
+        ),
+    )
     p.add_argument("--out", default="runs/demo", help="output directory (replaced if it exists; default runs/demo)")
     p.add_argument("--entropy-steps", type=int, default=300)
     p.add_argument("--blt-steps", type=int, default=220)
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("generate", help="generate text byte by byte, streaming it as it comes", description=(
-        "Generate with caches at every level (exactly what recomputing the whole model per byte gives), streaming UTF-8 "
-        "to stdout as it is produced; an incomplete character is held back until complete. Ctrl-C stops cleanly."
-    ))
+    p = sub.add_parser(
+        "generate",
+        help="generate text byte by byte, streaming it as it comes",
+        description=(
+            "Generate with caches at every level (exactly what recomputing the whole model per byte gives), "
+            "streaming UTF-8 "
+            "to stdout as it is produced; an incomplete character is held back until complete. Ctrl-C stops cleanly."
+        ),
+    )
     p.add_argument("--model", required=True)
     p.add_argument("prompt", help='the prompt ("" starts from BOS; - reads stdin)')
     p.add_argument("--max-new-bytes", type=int, default=256)
@@ -304,50 +413,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop when the output ends with this string (repeatable; not printed)")
+    p.add_argument(
+        "--stop", action="append", help="stop when the output ends with this string (repeatable; not printed)"
+    )
     p.add_argument("--no-stop-at-eos", action="store_true", help="never produce EOS; generate --max-new-bytes")
-    p.add_argument("--raw", action="store_true", help="write the new bytes as they are (no prompt echo, no UTF-8 decoding)")
+    p.add_argument(
+        "--raw", action="store_true", help="write the new bytes as they are (no prompt echo, no UTF-8 decoding)"
+    )
     p.add_argument("--no-prompt", action="store_true", help="do not echo the prompt")
     p.add_argument("--device")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("score", help="bits per byte of a text, optionally per byte", description=(
-        "log2-probabilities of every byte and the bits per byte of a text; texts longer than the model's context "
-        "continue through the same cached path as generation."
-    ))
+    p = sub.add_parser(
+        "score",
+        help="bits per byte of a text, optionally per byte",
+        description=(
+            "log2-probabilities of every byte and the bits per byte of a text; texts longer than the model's context "
+            "continue through the same cached path as generation."
+        ),
+    )
     p.add_argument("--model", required=True)
     p.add_argument("file", help="text file, or - for stdin")
     p.add_argument("--per-byte", action="store_true", help="print offset, byte, character and log2 p for every byte")
-    p.add_argument("--max-forward", type=int, help="longest text scored in one forward pass (default: the model's max_encoder_seq_length)")
+    p.add_argument(
+        "--max-forward",
+        type=int,
+        help="longest text scored in one forward pass (default: the model's max_encoder_seq_length)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--device")
     p.set_defaults(func=_score)
 
-    from blt.compare import MODELS
-
-    p = sub.add_parser("compare", help="FLOP-matched comparison of BLT against BPE and byte baselines", description=(
-        "For each training-FLOP budget, size every model by one rule (blt/compare.py), train it for exactly that budget, score "
-        "it on the held-out split (clean and under seeded noise), and write DIR/compare.md with PNG plots. Finished runs are "
-        "kept and not redone."
-    ))
+    p = sub.add_parser(
+        "compare",
+        help="FLOP-matched comparison of BLT against BPE and byte baselines",
+        description=(
+            "For each training-FLOP budget, size every model by one rule (blt/experiments/compare.py), train it for "
+            "exactly that budget, score "
+            "it on the held-out split (clean and under seeded noise), and write DIR/compare.md with PNG "
+            "plots. Finished runs are "
+            "kept and not redone."
+        ),
+    )
     p.add_argument("--data", nargs="+", required=True, metavar="PATH")
     p.add_argument("--budgets", required=True, help="comma-separated training FLOPs, e.g. 1e13,3e13,1e14")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)} (default: all)")
+    p.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)} (default: all)"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--seq-len", type=int, default=512, help="bytes per training sequence (default 512)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--bpe-vocab", type=int, default=1024, help="BPE vocabulary of the token baseline (default 1024)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--split", choices=["auto", "document", "tail"], default="auto")
-    p.add_argument("--entropy-steps", type=int, default=300, help="training steps of the entropy model (shared by all budgets)")
+    p.add_argument(
+        "--entropy-steps", type=int, default=300, help="training steps of the entropy model (shared by all budgets)"
+    )
     p.add_argument("--title", help="report title")
-    p.add_argument("--report", help="where the report goes (FILE.md, with FILE-train.png and FILE-inference.png beside it; default OUT/compare.md)")
+    p.add_argument(
+        "--report",
+        help=(
+            "where the report goes (FILE.md, with FILE-train.png and FILE-inference.png beside it; default "
+            "OUT/compare.md)"
+        ),
+    )
     p.set_defaults(func=_compare)
 
-    p = sub.add_parser("patch", help="show how a model cuts a text into patches", description=(
-        "Coloured patch boundaries in the terminal; --html writes each patch boxed with its bytes coloured by entropy "
-        "(values on hover); --png plots entropy per byte with the threshold and the boundaries. Invalid UTF-8 is shown as hex."
-    ))
+    p = sub.add_parser(
+        "patch",
+        help="show how a model cuts a text into patches",
+        description=(
+            "Coloured patch boundaries in the terminal; --html writes each patch boxed with its bytes "
+            "coloured by entropy "
+            "(values on hover); --png plots entropy per byte with the threshold and the boundaries. Invalid "
+            "UTF-8 is shown as hex."
+        ),
+    )
     p.add_argument("--model", required=True)
     p.add_argument("text", nargs="?", help="the text (or use --file)")
     p.add_argument("--file", help="read the text from a file")

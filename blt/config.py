@@ -14,9 +14,16 @@ from typing import Any
 
 from blt.errors import BltError
 from blt.tokenizer import VOCAB_SIZE
-from blt.transformer import ffn_hidden_dim
 
 PATCHING_MODES = ("entropy", "static", "space", "bpe", "byte")
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
+    """The release's SwiGLU width: 2/3 of 4*dim, scaled, rounded up to a multiple of `multiple_of`."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 @dataclass
@@ -131,7 +138,8 @@ class BLTConfig:
         _check_heads("local decoder", self.dim_local_decoder, self.n_heads_local_decoder, self.n_kv_heads)
         if self.dim_local_encoder != self.dim_local_decoder:
             raise BltError(
-                f"dim_local_encoder ({self.dim_local_encoder}) must equal dim_local_decoder ({self.dim_local_decoder}): "
+                f"dim_local_encoder ({self.dim_local_encoder}) must equal dim_local_decoder "
+                f"({self.dim_local_decoder}): "
                 "the decoder reads the encoder's byte states"
             )
         if self.cross_attn_k < 1:

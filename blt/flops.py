@@ -47,7 +47,7 @@ def self_attention_keys(seq_len: float, window: int | None = None, attention: st
     masked:   mean over t = 0..L-1 of min(t+1, W) (W = None: no window), i.e. (L+1)/2 without a window.
     executed: L when the sequence fits in two windows (a dense or is_causal kernel scores every key);
               otherwise blocks of S = ceil(W/2) queries score (R+1)*S keys, R = ceil(W/S), with the
-              queries padded to whole blocks (see `blt.transformer.windowed_attention`).
+              queries padded to whole blocks (see `blt.model.transformer.windowed_attention`).
     """
     if attention not in ATTENTION_MODES:
         raise BltError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -74,7 +74,9 @@ def block_flops(dim: int, n_heads: int, n_kv_heads: int | None, ffn_dim: int, ke
     return projections + attention + ffn
 
 
-def cross_attention_flops(dim: int, n_queries: float, n_kv: float, keys_per_query: float, weighted_sum: bool = True) -> float:
+def cross_attention_flops(
+    dim: int, n_queries: float, n_kv: float, keys_per_query: float, weighted_sum: bool = True
+) -> float:
     """Forward FLOPs of one `CrossAttention` (heads * head_dim = dim, so the head count drops out):
     wq and wo on every query, wk and wv on every key/value row, and QK^T (+ AV when the weighted sum is
     a matmul) for every query."""
@@ -103,7 +105,9 @@ def entropy_model_flops(config: EntropyModelConfig, seq_bytes: int, attention: s
     """Forward FLOPs per byte of the entropy model (or of any byte LM of that shape, e.g. a baseline
     with sliding_window=None) over sequences of `seq_bytes` bytes, output head included."""
     c = config
-    return dense_transformer_flops(c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size, seq_bytes, c.sliding_window, attention)
+    return dense_transformer_flops(
+        c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size, seq_bytes, c.sliding_window, attention
+    )
 
 
 def _sequence_flops(config: BLTConfig, n_bytes: float, n_patches: float, attention: str) -> dict[str, float]:
@@ -122,18 +126,24 @@ def _sequence_flops(config: BLTConfig, n_bytes: float, n_patches: float, attenti
     n_cross_dec = c.n_layers_local_decoder if c.cross_attn_all_layers_decoder else 1
     in_proj = matmul(P, c.global_input_dim, d_glob) if c.global_input_dim != d_glob else 0
     return {
-        "local_encoder": T * dense_transformer_flops(
+        "local_encoder": T
+        * dense_transformer_flops(
             d_enc, c.n_layers_local_encoder, c.n_heads_local_encoder, c.n_kv_heads, ffn_enc, 0, T, window, attention
         ),
         # max-pool (free), then patch_projection d -> k*d once per patch; queries P*k, keys/values: the T bytes
-        "encoder_cross_attention": matmul(P, d_enc, k * d_enc) + n_cross_enc * cross_attention_flops(d_enc, P * k, T, enc_cross_keys, enc_weighted_sum),
+        "encoder_cross_attention": matmul(P, d_enc, k * d_enc)
+        + n_cross_enc * cross_attention_flops(d_enc, P * k, T, enc_cross_keys, enc_weighted_sum),
         # the global transformer runs once per patch, causal over all patches (no window)
-        "global_transformer": in_proj + P * dense_transformer_flops(
+        "global_transformer": in_proj
+        + P
+        * dense_transformer_flops(
             d_glob, c.n_layers_global, c.n_heads_global, c.n_kv_heads_global, ffn_glob, 0, P, None, attention
         ),
         # patch_projection d_global -> k*d once per patch; queries: the T bytes, keys/values: P*k
-        "decoder_cross_attention": matmul(P, d_glob, k * d_dec) + n_cross_dec * cross_attention_flops(d_dec, T, P * k, dec_cross_keys),
-        "local_decoder": T * dense_transformer_flops(
+        "decoder_cross_attention": matmul(P, d_glob, k * d_dec)
+        + n_cross_dec * cross_attention_flops(d_dec, T, P * k, dec_cross_keys),
+        "local_decoder": T
+        * dense_transformer_flops(
             d_dec, c.n_layers_local_decoder, c.n_heads_local_decoder, c.n_kv_heads, ffn_dec, 0, T, window, attention
         ),
         "head": matmul(T, d_dec, c.vocab_size),
@@ -183,7 +193,9 @@ def executed_forward_flops(
     `entropy_config` when the entropy model runs in that forward (an `EntropyPatcher`, no explicit
     patches). Equals `FlopCounterMode`'s total with SDPA counted as its math backend does."""
     totals = _sequence_flops(config, seq_bytes, num_patches, "executed")
-    entropy = seq_bytes * entropy_model_flops(entropy_config, seq_bytes, "executed") if entropy_config is not None else 0
+    entropy = (
+        seq_bytes * entropy_model_flops(entropy_config, seq_bytes, "executed") if entropy_config is not None else 0
+    )
     return {"entropy_model": entropy, **totals}
 
 

@@ -19,7 +19,6 @@ EOS_ID = 2
 BPE_ID = 3  # BPE delimiter, only used by the `bpe` patcher
 OFFSET = 4
 VOCAB_SIZE = 256 + OFFSET
-SPECIAL_IDS = (BOE_ID, BOS_ID, EOS_ID, BPE_ID)
 
 
 def to_bytes(text: str | bytes | bytearray) -> bytes:
@@ -33,7 +32,11 @@ def to_bytes(text: str | bytes | bytearray) -> bytes:
 def encode(text: str | bytes, bos: bool = True, eos: bool = False) -> torch.Tensor:
     """UTF-8 bytes of `text` shifted by OFFSET, BOS first. Returns a LongTensor [T]."""
     data = to_bytes(text)
-    ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + OFFSET if data else torch.empty(0, dtype=torch.long)
+    ids = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + OFFSET
+        if data
+        else torch.empty(0, dtype=torch.long)
+    )
     parts = ([torch.tensor([BOS_ID])] if bos else []) + [ids] + ([torch.tensor([EOS_ID])] if eos else [])
     return torch.cat(parts)
 
@@ -50,7 +53,9 @@ def decode(ids: Iterable[int] | torch.Tensor) -> str:
     return ids_to_bytes(ids).decode("utf-8", errors="replace")
 
 
-def encode_batch(texts: Sequence[str | bytes], bos: bool = True, pad_id: int = BOE_ID) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_batch(
+    texts: Sequence[str | bytes], bos: bool = True, pad_id: int = BOE_ID
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [B, T] and the true lengths [B].
 
     Right padding is safe for every BLT computation: everything is causal, so the logits and

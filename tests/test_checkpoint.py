@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import blt
 from blt.config import BLTConfig, PatchingConfig
-from tests.conftest import TEXT, median_threshold, random_entropy_model, tiny_config
+from tests.helpers import TEXT, median_threshold, random_entropy_model, tiny_config
 
 IDS = blt.encode(TEXT[:120])[None]
 
@@ -58,7 +58,7 @@ def test_bpe_model_round_trip(tmp_path):
 def test_ours_to_transformers_layout(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = entropy_blt(cross_attn_k=4, dim_global=48, ffn_dim_global=96)
-    from blt.checkpoint import save_hf
+    from blt.weights.hf import save_hf
 
     save_hf(model, tmp_path / "hf")
     hf = transformers.BltForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -73,10 +73,21 @@ def test_ours_to_transformers_layout(tmp_path):
 # transformers' conversion script documents how release names become transformers names; the test
 # inverts that table on its own, so our loader is checked against an independent mapping.
 HF_TO_RELEASE = [
-    (".self_attn.", ".attention."), (".mlp.", ".feed_forward."), (".input_layernorm.", ".attention_norm."),
-    (".post_attention_layernorm.", ".ffn_norm."), (".embed_tokens.", ".tok_embeddings."), (".q_norm.", ".cross_attn_norm_q."),
-    (".k_norm.", ".cross_attn_norm_kv."), (".gate_proj.", ".w1."), (".down_proj.", ".w2."), (".up_proj.", ".w3."),
-    (".q_proj.", ".wq."), (".k_proj.", ".wk."), (".v_proj.", ".wv."), (".o_proj.", ".wo."), (".lm_head.", ".output."),
+    (".self_attn.", ".attention."),
+    (".mlp.", ".feed_forward."),
+    (".input_layernorm.", ".attention_norm."),
+    (".post_attention_layernorm.", ".ffn_norm."),
+    (".embed_tokens.", ".tok_embeddings."),
+    (".q_norm.", ".cross_attn_norm_q."),
+    (".k_norm.", ".cross_attn_norm_kv."),
+    (".gate_proj.", ".w1."),
+    (".down_proj.", ".w2."),
+    (".up_proj.", ".w3."),
+    (".q_proj.", ".wq."),
+    (".k_proj.", ".wk."),
+    (".v_proj.", ".wv."),
+    (".o_proj.", ".wo."),
+    (".lm_head.", ".output."),
 ]
 
 
@@ -88,7 +99,9 @@ def release_state(hf_state, n_tables, table_size):
             continue
         if name == "model.encoder_hash_tok_embedding.weight":
             for i in range(n_tables):
-                blt_state[f"encoder_hash_tok_embedding.{i}.weight"] = tensor[i * table_size : (i + 1) * table_size].clone()
+                blt_state[f"encoder_hash_tok_embedding.{i}.weight"] = tensor[
+                    i * table_size : (i + 1) * table_size
+                ].clone()
             continue
         new = "." + name.removeprefix("model.")
         for a, b in HF_TO_RELEASE:
@@ -104,18 +117,45 @@ def release_state(hf_state, n_tables, table_size):
 def release_args(hf_cfg, threshold):
     enc, dec, glb = hf_cfg.encoder_config, hf_cfg.decoder_config, hf_cfg.global_config
     return dict(
-        dim=glb.hidden_size, vocab_size=260, dim_global=glb.hidden_size, n_layers_global=glb.num_hidden_layers, n_heads_global=glb.num_attention_heads,
-        dim_local_encoder=enc.hidden_size, n_layers_local_encoder=enc.num_hidden_layers, n_heads_local_encoder=enc.num_attention_heads,
-        dim_local_decoder=dec.hidden_size, n_layers_local_decoder=dec.num_hidden_layers, n_heads_local_decoder=dec.num_attention_heads,
-        cross_attn_encoder=True, cross_attn_decoder=True, cross_attn_k=hf_cfg.cross_attn_k, cross_attn_nheads=enc.num_attention_heads,
-        cross_attn_all_layers_encoder=enc.cross_attn_all_layers, cross_attn_all_layers_decoder=dec.cross_attn_all_layers,
-        cross_attn_init_by_pooling=True, cross_attn_window_encoder=None, cross_attn_window_decoder=None,
-        encoder_hash_byte_group_size=hf_cfg.encoder_hash_byte_group_size, encoder_hash_byte_group_vocab=hf_cfg.encoder_hash_byte_group_vocab,
+        dim=glb.hidden_size,
+        vocab_size=260,
+        dim_global=glb.hidden_size,
+        n_layers_global=glb.num_hidden_layers,
+        n_heads_global=glb.num_attention_heads,
+        dim_local_encoder=enc.hidden_size,
+        n_layers_local_encoder=enc.num_hidden_layers,
+        n_heads_local_encoder=enc.num_attention_heads,
+        dim_local_decoder=dec.hidden_size,
+        n_layers_local_decoder=dec.num_hidden_layers,
+        n_heads_local_decoder=dec.num_attention_heads,
+        cross_attn_encoder=True,
+        cross_attn_decoder=True,
+        cross_attn_k=hf_cfg.cross_attn_k,
+        cross_attn_nheads=enc.num_attention_heads,
+        cross_attn_all_layers_encoder=enc.cross_attn_all_layers,
+        cross_attn_all_layers_decoder=dec.cross_attn_all_layers,
+        cross_attn_init_by_pooling=True,
+        cross_attn_window_encoder=None,
+        cross_attn_window_decoder=None,
+        encoder_hash_byte_group_size=hf_cfg.encoder_hash_byte_group_size,
+        encoder_hash_byte_group_vocab=hf_cfg.encoder_hash_byte_group_vocab,
         encoder_hash_byte_group_nb_functions=hf_cfg.encoder_hash_byte_group_nb_functions,
-        local_attention_window_len=hf_cfg.local_attention_window_len, max_seqlen=512, max_encoder_seq_length=2048,
-        rope_theta=500000.0, norm_eps=1e-5, multiple_of=64, ffn_dim_multiplier=1.0, use_rope=True,
-        patch_in_forward=True, patching_mode="entropy", patching_threshold=threshold, attn_bias_type="causal",
-        downsampling_by_pooling="max", non_linearity="swiglu", norm_type="rmsnorm", share_encoder_decoder_emb=True,
+        local_attention_window_len=hf_cfg.local_attention_window_len,
+        max_seqlen=512,
+        max_encoder_seq_length=2048,
+        rope_theta=500000.0,
+        norm_eps=1e-5,
+        multiple_of=64,
+        ffn_dim_multiplier=1.0,
+        use_rope=True,
+        patch_in_forward=True,
+        patching_mode="entropy",
+        patching_threshold=threshold,
+        attn_bias_type="causal",
+        downsampling_by_pooling="max",
+        non_linearity="swiglu",
+        norm_type="rmsnorm",
+        share_encoder_decoder_emb=True,
     )
 
 
@@ -123,10 +163,15 @@ def release_args(hf_cfg, threshold):
 def hf_reference(tmp_path):
     """A transformers BLT with release-style FFN widths (multiple_of=64 of 8/3 * dim)."""
     transformers = pytest.importorskip("transformers")
-    from tests.test_parity_transformers import hf_config
+    from tests.helpers import hf_config
 
     cfg = hf_config(enc_layers=2, n_hash=2)
-    for sub, dim in ((cfg.encoder_config, 32), (cfg.decoder_config, 32), (cfg.global_config, 64), (cfg.patcher_config, 32)):
+    for sub, dim in (
+        (cfg.encoder_config, 32),
+        (cfg.decoder_config, 32),
+        (cfg.global_config, 64),
+        (cfg.patcher_config, 32),
+    ):
         sub.intermediate_size = 64 * ((int(8 * dim / 3) + 63) // 64)  # the release's rule
     torch.manual_seed(0)
     hf = transformers.BltForCausalLM(cfg).eval()
@@ -143,8 +188,17 @@ def hf_reference(tmp_path):
 
 def entropy_args(cfg):
     p = cfg.patcher_config
-    return dict(dim=p.hidden_size, n_layers=p.num_hidden_layers, n_heads=p.num_attention_heads, vocab_size=260,
-                max_seqlen=8192, ffn_dim_multiplier=1.0, multiple_of=64, sliding_window=p.sliding_window, rope_theta=10000.0)
+    return dict(
+        dim=p.hidden_size,
+        n_layers=p.num_hidden_layers,
+        n_heads=p.num_attention_heads,
+        vocab_size=260,
+        max_seqlen=8192,
+        ffn_dim_multiplier=1.0,
+        multiple_of=64,
+        sliding_window=p.sliding_window,
+        rope_theta=10000.0,
+    )
 
 
 @pytest.mark.parametrize("layout", ["hub", "consolidated"])
@@ -163,7 +217,9 @@ def test_release_layouts_load_with_the_right_mapping(tmp_path, hf_reference, lay
     else:
         (root / "params.json").write_text(json.dumps({"model": args, "data": {"patcher_args": patcher_args}}))
         torch.save({"model": blt_state}, root / "consolidated.pth")
-    (root / "entropy_model" / "params.json").write_text(json.dumps({"entropy_model": entropy_args(cfg), "data": {"patcher_args": patcher_args}}))
+    (root / "entropy_model" / "params.json").write_text(
+        json.dumps({"entropy_model": entropy_args(cfg), "data": {"patcher_args": patcher_args}})
+    )
     torch.save({"model": entropy_state}, root / "entropy_model" / "consolidated.pth")
 
     model = blt.load_pretrained(root)
@@ -178,7 +234,7 @@ def test_release_layouts_load_with_the_right_mapping(tmp_path, hf_reference, lay
 
 
 def test_release_unsupported_settings_are_named():
-    from blt.checkpoint import config_from_release
+    from blt.weights.release import config_from_release
 
     with pytest.raises(blt.BltError, match="cross_attn_window_encoder=512"):
         config_from_release({"cross_attn_window_encoder": 512})
@@ -228,7 +284,10 @@ def test_mismatched_shapes_name_the_tensor(saved):
     cfg = json.loads((saved / "config.json").read_text())
     cfg["ffn_dim_global"] = 96
     (saved / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(blt.BltError, match=r"global_transformer\.layers\.0\.ffn\.w1\.weight has shape \[128, 64\], the config expects \[96, 64\]"):
+    with pytest.raises(
+        blt.BltError,
+        match=r"global_transformer\.layers\.0\.ffn\.w1\.weight has shape \[128, 64\], the config expects \[96, 64\]",
+    ):
         blt.load_pretrained(saved)
 
 

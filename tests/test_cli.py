@@ -8,7 +8,7 @@ import torch
 
 import blt
 from blt.cli import EXIT_USER_ERROR, build_parser, main
-from tests.conftest import TEXT, tiny_config
+from tests.helpers import TEXT, tiny_config
 
 
 def subcommands():

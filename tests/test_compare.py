@@ -10,19 +10,23 @@ import pytest
 import torch
 
 import blt
-import blt.compare
-from blt.baselines import token_byte_lengths, token_stream, token_vocab_size
+import blt.experiments.compare
 from blt.bpe import token_ids, train_bpe
 from blt.cli import main
-from blt.compare import MODELS, DataStats, plan, run_compare
 from blt.config import EntropyModelConfig
-from blt.data import Document
-from blt.evaluate import evaluate_stream
-from blt.noise import PERTURBATIONS, perturb
-from tests.conftest import TEXT
+from blt.experiments.baselines import token_byte_lengths, token_stream, token_vocab_size
+from blt.experiments.compare import MODELS, DataStats, plan, run_compare
+from blt.experiments.noise import PERTURBATIONS, perturb
+from blt.training.data import Document
+from blt.training.evaluate import evaluate_stream
+from tests.helpers import TEXT
 
-STATS = DataStats(bytes_per_token=2.5, bytes_per_patch={"blt-static": 4.0, "blt-space": 5.3, "blt-entropy": 4.5}, bpe_vocab=1028,
-                  entropy_flops_per_byte=2e5)
+STATS = DataStats(
+    bytes_per_token=2.5,
+    bytes_per_patch={"blt-static": 4.0, "blt-space": 5.3, "blt-entropy": 4.5},
+    bpe_vocab=1028,
+    entropy_flops_per_byte=2e5,
+)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -36,12 +40,29 @@ def test_sizing_spends_the_budget_and_grows_with_it(model):
 
 
 def test_budget_too_small_names_the_minimum():
-    with pytest.raises(blt.BltError, match=r"budget 1\.00e\+08 FLOPs is too small for byte: .* at least [0-9.]+e\+\d+ FLOPs"):
+    with pytest.raises(
+        blt.BltError, match=r"budget 1\.00e\+08 FLOPs is too small for byte: .* at least [0-9.]+e\+\d+ FLOPs"
+    ):
         plan("byte", 1e8, STATS, seq_len=512, batch_size=8)
 
 
 def test_unknown_model_lists_the_valid_ones(tmp_path, capsys):
-    assert main(["compare", "--data", str(tmp_path), "--budgets", "1e12", "--models", "byte,gpt5", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "compare",
+                "--data",
+                str(tmp_path),
+                "--budgets",
+                "1e12",
+                "--models",
+                "byte,gpt5",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "unknown model(s) gpt5" in err and "bpe, byte, blt-static, blt-space, blt-entropy" in err
 
@@ -52,7 +73,9 @@ def test_token_baseline_is_scored_per_byte_of_text():
     text = TEXT.encode()
     stream = token_stream(tok, [Document("t", text)])
     vocab = token_vocab_size(tok)
-    model = blt.EntropyModel(EntropyModelConfig(vocab_size=vocab, dim=16, n_layers=1, n_heads=2, ffn_dim=32, sliding_window=None))
+    model = blt.EntropyModel(
+        EntropyModelConfig(vocab_size=vocab, dim=16, n_layers=1, n_heads=2, ffn_dim=32, sliding_window=None)
+    )
     with torch.no_grad():
         model.output.weight.zero_()  # uniform over the vocabulary
     result = evaluate_stream(model, stream, seq_len=len(stream), bytes_per_id=token_byte_lengths(tok))
@@ -76,7 +99,7 @@ def test_perturbations_are_deterministic():
 @pytest.fixture
 def space_model(tmp_path):
     torch.manual_seed(0)
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     model = blt.BLT(tiny_config(patching=blt.PatchingConfig(mode="space")), patcher=blt.SpacePatcher())
     model.save_pretrained(tmp_path / "m")
@@ -102,7 +125,10 @@ def test_patch_command_shows_invalid_utf8_as_hex(space_model, tmp_path, capsys):
     assert main(["patch", "--model", str(path), "--file", str(tmp_path / "bad.txt"), "--no-color"]) == 0
     out = capsys.readouterr().out
     assert "\\xff" in out and "\\xfe" in out and "then" in out
-    assert main(["patch", "--model", str(path), "--file", str(tmp_path / "bad.txt"), "--png", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(["patch", "--model", str(path), "--file", str(tmp_path / "bad.txt"), "--png", str(tmp_path / "x.png")])
+        == 2
+    )
     assert "no entropy model" in capsys.readouterr().err
 
 
@@ -116,11 +142,17 @@ def test_compare_end_to_end_and_finished_runs_are_kept(tmp_path, monkeypatch):
     results = run_compare([str(corpus)], [ws_budget], list(MODELS), tmp_path / "out", **kwargs)
     assert [r["model"] for r in results] == list(MODELS)
     for r in results:
-        assert abs(r["train_flops"] - ws_budget) / ws_budget < 0.10 and np.isfinite(r["bpb"]) and set(r["noise"]) == {"clean", *PERTURBATIONS}
+        assert (
+            abs(r["train_flops"] - ws_budget) / ws_budget < 0.10
+            and np.isfinite(r["bpb"])
+            and set(r["noise"]) == {"clean", *PERTURBATIONS}
+        )
     report = (tmp_path / "out" / "compare.md").read_text()
     assert report.count("| 1.0e+10 |") == 2 * len(MODELS)  # the main table and the noise table
     assert (tmp_path / "out" / "compare-train.png").exists() and (tmp_path / "out" / "compare-inference.png").exists()
     # a second call redoes nothing
-    monkeypatch.setattr(blt.compare, "train_loop", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(
+        blt.experiments.compare, "train_loop", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained"))
+    )
     again = run_compare([str(corpus)], [ws_budget], list(MODELS), tmp_path / "out", **kwargs)
     assert [json.dumps(r, sort_keys=True) for r in again] == [json.dumps(r, sort_keys=True) for r in results]

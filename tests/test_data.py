@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import blt
-from blt.data import (
+from blt.tokenizer import BOS_ID, EOS_ID
+from blt.training.data import (
     PackedSequences,
     batch_indices,
     build_stream,
@@ -15,14 +16,15 @@ from blt.data import (
     split_documents,
     stream_entropies,
 )
-from blt.tokenizer import BOS_ID, EOS_ID
-from tests.conftest import TEXT, random_entropy_model
+from tests.helpers import TEXT, random_entropy_model
 
 
 def test_reads_files_dirs_globs_jsonl_gz_and_binary(tmp_path):
     (tmp_path / "a.txt").write_text("alpha")
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "b.jsonl").write_text(json.dumps({"text": "beta"}) + "\n\n" + json.dumps({"text": "gamma"}) + "\n")
+    (tmp_path / "sub" / "b.jsonl").write_text(
+        json.dumps({"text": "beta"}) + "\n\n" + json.dumps({"text": "gamma"}) + "\n"
+    )
     (tmp_path / "sub" / "c.txt.gz").write_bytes(gzip.compress(b"delta"))
     (tmp_path / "sub" / "d.bin").write_bytes(b"\xff\x00\xfe")
     (tmp_path / "sub" / "e.jsonl.gz").write_bytes(gzip.compress(json.dumps({"text": "epsilon"}).encode()))
@@ -61,18 +63,18 @@ def test_directory_of_empty_files_has_no_documents(tmp_path):
 
 
 def test_split_is_deterministic_by_document_or_tail():
-    docs = [blt.data.Document(f"doc{i}", f"text number {i} ".encode() * 5) for i in range(50)]
+    docs = [blt.training.data.Document(f"doc{i}", f"text number {i} ".encode() * 5) for i in range(50)]
     train, val = split_documents(docs, 0.2)
     again = split_documents(docs, 0.2)
     assert [d.name for d in val] == [d.name for d in again[1]]
     assert 3 <= len(val) <= 20 and len(train) + len(val) == 50
-    one = [blt.data.Document("big", b"0123456789" * 10)]
+    one = [blt.training.data.Document("big", b"0123456789" * 10)]
     train, val = split_documents(one, 0.1)  # few documents: hold out the tail, nanoGPT-style
     assert train[0].data == b"0123456789" * 9 and val[0].data == b"0123456789"
 
 
 def test_stream_frames_documents_and_packs():
-    stream = build_stream([blt.data.Document("a", b"hi"), blt.data.Document("b", b"yo")])
+    stream = build_stream([blt.training.data.Document("a", b"hi"), blt.training.data.Document("b", b"yo")])
     assert stream.tolist() == [BOS_ID, 108, 109, EOS_ID, BOS_ID, 125, 115, EOS_ID]
     seqs = PackedSequences(stream, 3)
     assert len(seqs) == 2
@@ -91,19 +93,21 @@ def test_batch_order_is_a_function_of_position():
 def test_stream_entropies_use_document_context_only():
     em = random_entropy_model()
     a, b = TEXT[:80].encode(), TEXT[80:200].encode()
-    stream = build_stream([blt.data.Document("a", a), blt.data.Document("b", b)])
+    stream = build_stream([blt.training.data.Document("a", a), blt.training.data.Document("b", b)])
     got = stream_entropies(em, stream, chunk=32)  # chunks overlap by the model's reach: same values
-    alone = em.entropies(torch.from_numpy(build_stream([blt.data.Document("b", b)]).astype(np.int64))[None])[0].numpy()
+    alone = em.entropies(torch.from_numpy(build_stream([blt.training.data.Document("b", b)]).astype(np.int64))[None])[
+        0
+    ].numpy()
     assert np.abs(got[len(a) + 2 :] - alone).max() < 1e-4
 
 
 def test_entropy_cache_is_computed_once_and_keyed(tmp_path, monkeypatch):
     em = random_entropy_model()
-    stream = build_stream([blt.data.Document("a", TEXT.encode())])
+    stream = build_stream([blt.training.data.Document("a", TEXT.encode())])
     first = cached_entropies(em, stream, tmp_path)
     assert isinstance(first, np.memmap)
     calls = []
-    monkeypatch.setattr(blt.data, "stream_entropies", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(blt.training.data, "stream_entropies", lambda *a, **k: calls.append(1))
     again = cached_entropies(em, stream, tmp_path)
     assert not calls and np.array_equal(first, again)
     other = random_entropy_model(seed=1)

@@ -3,7 +3,7 @@
 import json
 
 import blt
-from blt.demo import run_demo, stdlib_corpus
+from blt.experiments.demo import run_demo, stdlib_corpus
 
 
 def test_corpus_comes_from_the_standard_library():
@@ -14,7 +14,14 @@ def test_corpus_comes_from_the_standard_library():
 def test_demo_writes_everything(tmp_path):
     out = tmp_path / "demo"
     result = run_demo(out, entropy_steps=4, blt_steps=4, quiet=True)
-    for name in ("entropy/model.safetensors", "blt/model.safetensors", "blt/entropy_model/model.safetensors", "patches.html", "patches.png", "loss.png"):
+    for name in (
+        "entropy/model.safetensors",
+        "blt/model.safetensors",
+        "blt/entropy_model/model.safetensors",
+        "patches.html",
+        "patches.png",
+        "loss.png",
+    ):
         assert (out / name).is_file(), name
     model = blt.load_pretrained(out / "blt")
     assert model.patcher.mode == "entropy" and model.entropy_model is not None

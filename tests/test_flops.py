@@ -15,46 +15,9 @@ from blt.flops import (
     format_table,
     self_attention_keys,
 )
-from blt.masks import sequence_self_mask
+from blt.model.masks import sequence_self_mask
 from blt.tokenizer import EOS_ID
-
-from .conftest import random_entropy_model, tiny_config, tiny_entropy_config
-
-
-def hand_config(**overrides) -> BLTConfig:
-    """d=8 (2 heads of 4) everywhere local, d_global=16 = k*d (no in_proj), one layer per stack, W=4."""
-    base = dict(
-        dim_local_encoder=8, n_layers_local_encoder=1, n_heads_local_encoder=2, ffn_dim_local_encoder=16,
-        dim_global=16, n_layers_global=1, n_heads_global=2, ffn_dim_global=32,
-        dim_local_decoder=8, n_layers_local_decoder=1, n_heads_local_decoder=2, ffn_dim_local_decoder=16,
-        local_attention_window_len=4, cross_attn_k=2, cross_attn_nheads=2,
-    )
-    base.update(overrides)
-    return BLTConfig(**base)
-
-
-HAND_ENTROPY = EntropyModelConfig(dim=8, n_layers=1, n_heads=2, ffn_dim=16, sliding_window=4)
-
-# seq_bytes=8, mean_patch_bytes=2 -> P=4 patches. Per byte:
-HAND = {
-    # the same one-block, d=8 byte LM as the local encoder (1384) + head 2*8*260 = 4160
-    "entropy_model": 5544,
-    # q,k,v,o: 4 * 2*8*8 = 512; keys: mean(1,2,3,4,4,4,4,4) = 26/8 = 3.25, QK+AV: 2 * 2*8*3.25 = 104;
-    # SwiGLU: 3 * 2*8*16 = 768  -> 512 + 104 + 768
-    "local_encoder": 1384,
-    # per patch: pooling proj 2*8*16 = 256, q and o for k=2 queries 2 * 2*2*8*8 = 512, attention of 2
-    # queries over the patch's 2 bytes 2 * 2*2*8*2 = 128 -> 896 per patch = 448 per byte;
-    # per byte: k and v 2 * 2*8*8 = 256  -> 448 + 256
-    "encoder_cross_attention": 704,
-    # per patch: q,k,v,o 4 * 2*16*16 = 2048; keys over 4 patches mean(1,2,3,4) = 2.5, 2 * 2*16*2.5 = 160;
-    # SwiGLU 3 * 2*16*32 = 3072 -> 5280 per patch / 2 bytes
-    "global_transformer": 2640,
-    # per patch: patch proj 2*16*16 = 512, k and v for its 2 keys 2 * 2*2*8*8 = 512 -> 1024 / 2 = 512;
-    # per byte: q and o 2 * 2*8*8 = 256, attention over k=2 keys 2 * 2*8*2 = 64  -> 512 + 256 + 64
-    "decoder_cross_attention": 832,
-    "local_decoder": 1384,
-    "head": 4160,  # 2*8*260
-}
+from tests.helpers import HAND, HAND_ENTROPY, hand_config, random_entropy_model, tiny_config, tiny_entropy_config
 
 
 def test_component_flops_by_hand():
@@ -79,8 +42,12 @@ def test_gqa_and_in_proj_by_hand():
 
 
 def test_cross_attention_on_all_layers_counts_each_layer():
-    one = component_flops(hand_config(n_layers_local_encoder=2, n_layers_local_decoder=2, cross_attn_all_layers_decoder=False), 8, 2)
-    every = component_flops(hand_config(n_layers_local_encoder=2, n_layers_local_decoder=2, cross_attn_all_layers_encoder=True), 8, 2)
+    one = component_flops(
+        hand_config(n_layers_local_encoder=2, n_layers_local_decoder=2, cross_attn_all_layers_decoder=False), 8, 2
+    )
+    every = component_flops(
+        hand_config(n_layers_local_encoder=2, n_layers_local_decoder=2, cross_attn_all_layers_encoder=True), 8, 2
+    )
     # the pooling projection runs once (128 per byte); each further encoder layer adds 704 - 128 = 576
     assert one["encoder_cross_attention"] == pytest.approx(704, rel=1e-9)
     assert every["encoder_cross_attention"] == pytest.approx(704 + 576, rel=1e-9)
@@ -102,7 +69,10 @@ def test_self_attention_keys():
 def test_flops_per_byte_training_is_three_forwards_but_entropy_model_is_frozen():
     report = flops_per_byte(hand_config(), 8, 2, HAND_ENTROPY)
     assert report["components"]["entropy_model"] == {"inference": pytest.approx(5544), "training": pytest.approx(5544)}
-    assert report["components"]["global_transformer"] == {"inference": pytest.approx(2640), "training": pytest.approx(3 * 2640)}
+    assert report["components"]["global_transformer"] == {
+        "inference": pytest.approx(2640),
+        "training": pytest.approx(3 * 2640),
+    }
     # 5544 + 1384 + 704 + 2640 + 832 + 1384 + 4160
     assert report["inference_total"] == pytest.approx(16648, rel=1e-9)
     # 5544 + 3 * (16648 - 5544)
@@ -140,13 +110,17 @@ def test_longer_patches_cut_global_flops_per_byte_proportionally():
 def test_entropy_model_is_a_dense_transformer():
     c = EntropyModelConfig()
     # a byte LM baseline with full causal attention over 8192 bytes
-    baseline = dense_transformer_flops(c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size, 8192, None)
+    baseline = dense_transformer_flops(
+        c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size, 8192, None
+    )
     # per layer: 4 * 2*768*768 + 3 * 2*768*2048 (SwiGLU width 2048) + 2 * 2*768 * 8193/2; head 2*768*260
     expected = 14 * (4_718_592 + 9_437_184 + 768 * 2 * 8193) + 399_360
     assert baseline == pytest.approx(expected, rel=1e-12)
     # the 512-byte window: (512*513/2 + (8192-512)*512) / 8192 keys per query
     keys = (512 * 513 / 2 + 7680 * 512) / 8192
-    assert entropy_model_flops(c, 8192) == pytest.approx(14 * (4_718_592 + 9_437_184 + 4 * 768 * keys) + 399_360, rel=1e-12)
+    assert entropy_model_flops(c, 8192) == pytest.approx(
+        14 * (4_718_592 + 9_437_184 + 4 * 768 * keys) + 399_360, rel=1e-12
+    )
 
 
 # ---- against what torch counts ----------------------------------------------------------------------
@@ -188,7 +162,13 @@ PATHS = [(12, None, "is_causal"), (12, 6, "mask"), (24, None, "mask"), (45, None
     [
         {},
         # GQA, an in_proj (k*d = 64 != 48), encoder cross-attention on both layers, decoder's on the first only
-        dict(n_kv_heads=2, dim_global=48, n_layers_local_encoder=2, cross_attn_all_layers_encoder=True, cross_attn_all_layers_decoder=False),
+        dict(
+            n_kv_heads=2,
+            dim_global=48,
+            n_layers_local_encoder=2,
+            cross_attn_all_layers_encoder=True,
+            cross_attn_all_layers_decoder=False,
+        ),
     ],
 )
 def test_executed_flops_match_flop_counter_blt(overrides, length, eos_at, path):
@@ -205,7 +185,10 @@ def test_executed_flops_match_flop_counter_blt(overrides, length, eos_at, path):
     assert counter.get_total_flops() == sum(want.values())
     assert module_flops(counter, "BLT.local_encoder") == want["local_encoder"] + want["encoder_cross_attention"]
     assert module_flops(counter, "BLT.global_transformer") == want["global_transformer"]
-    assert module_flops(counter, "BLT.local_decoder") == want["decoder_cross_attention"] + want["local_decoder"] + want["head"]
+    assert (
+        module_flops(counter, "BLT.local_decoder")
+        == want["decoder_cross_attention"] + want["local_decoder"] + want["head"]
+    )
     assert module_flops(counter, "BLT.local_decoder.output") == want["head"]
 
 
@@ -232,7 +215,11 @@ def test_executed_flops_include_the_entropy_model_when_it_patches():
     assert 2 < num_patches < 25  # neither one patch nor one per byte
     counter = counted(model, ids)
     want = executed_forward_flops(config, 24, num_patches, entropy_config=entropy_model.config)
-    assert module_flops(counter, "BLT.patcher.entropy_model") == want["entropy_model"] == 24 * entropy_model_flops(entropy_model.config, 24, "executed")
+    assert (
+        module_flops(counter, "EntropyModel")
+        == want["entropy_model"]
+        == 24 * entropy_model_flops(entropy_model.config, 24, "executed")
+    )
     assert counter.get_total_flops() == sum(want.values())
 
 
@@ -250,4 +237,6 @@ def test_useful_flops_against_executed():
     # the encoder scores each byte against its own patch's queries only; its weighted sum of values
     # (QK^T's twin) is a scatter-add, counted as useful work but not as an executed matmul
     d, k = config.dim_local_encoder, config.cross_attn_k
-    assert useful["encoder_cross_attention"] * length - executed["encoder_cross_attention"] == pytest.approx(2 * length * k * d, rel=1e-12)
+    assert useful["encoder_cross_attention"] * length - executed["encoder_cross_attention"] == pytest.approx(
+        2 * length * k * d, rel=1e-12
+    )

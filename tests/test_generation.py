@@ -6,10 +6,8 @@ import torch
 
 import blt
 from blt.config import PatchingConfig
-from blt.generation import generate_recompute
-from blt.inference import IncrementalBLT
-from tests.conftest import TEXT, tiny_config
-from tests.test_model import PATCHERS
+from blt.inference import IncrementalBLT, generate_recompute
+from tests.helpers import PATCHERS, TEXT, tiny_config
 
 SHORT, LONG = "It was", TEXT[:90]  # shorter and longer than the 16-byte local window
 
@@ -18,7 +16,9 @@ def make_model(name, seed=0, **cfg):
     patcher = PATCHERS[name]()
     torch.manual_seed(seed)
     cfg = {"max_seqlen": 2048, **cfg}
-    model = blt.BLT(tiny_config(patching=PatchingConfig(mode=patcher.mode, patch_size=4), **cfg), patcher=patcher).eval()
+    model = blt.BLT(
+        tiny_config(patching=PatchingConfig(mode=patcher.mode, patch_size=4), **cfg), patcher=patcher
+    ).eval()
     with torch.no_grad():  # a peaked next-byte distribution: greedy choices are clear-cut, texts vary
         model.local_decoder.output.weight.mul_(4.0)
     return model
@@ -96,7 +96,9 @@ def test_bad_generation_input():
     with pytest.raises(blt.BltError, match="list of str or bytes"):
         model.generate(SHORT, 4)
     assert len(model.generate([""], 8)[0]) <= 8  # an empty prompt starts from BOS
-    small = blt.BLT(tiny_config(max_seqlen=8, patching=PatchingConfig(mode="static", patch_size=4)), patcher=blt.StaticPatcher(4))
+    small = blt.BLT(
+        tiny_config(max_seqlen=8, patching=PatchingConfig(mode="static", patch_size=4)), patcher=blt.StaticPatcher(4)
+    )
     with pytest.raises(blt.BltError, match="context is 8 patches"):
         small.generate([TEXT[:60]], 4)
     with pytest.raises(blt.BltError, match="reached the global transformer's context of 8 patches"):
@@ -111,7 +113,7 @@ def test_no_entropy_model_no_generation():
 
 def test_matches_transformers_uncached_generate(tmp_path):
     pytest.importorskip("transformers")
-    from tests.test_parity_transformers import build_pair, set_threshold
+    from tests.helpers import build_pair, set_threshold
 
     hf, ours = build_pair(tmp_path, window=16, patcher_window=16)
     with torch.no_grad():
@@ -119,7 +121,9 @@ def test_matches_transformers_uncached_generate(tmp_path):
         ours.local_decoder.output.weight.mul_(4.0)
     prompt = blt.encode(LONG)[None]
     set_threshold(hf, ours, prompt)
-    out = hf.generate(prompt, max_new_tokens=512, do_sample=False, use_cache=False, suppress_tokens=[0, 1, 2, 3], pad_token_id=0)
+    out = hf.generate(
+        prompt, max_new_tokens=512, do_sample=False, use_cache=False, suppress_tokens=[0, 1, 2, 3], pad_token_id=0
+    )
     theirs = blt.tokenizer.ids_to_bytes(out[0, prompt.shape[1] :])
     assert ours.generate([LONG], 512, stop_at_eos=False)[0] == theirs
 
@@ -151,9 +155,14 @@ def test_generate_command_streams_what_the_api_returns(saved_model, capsysbinary
     model, path = saved_model
     assert main(["generate", "--model", str(path), "--max-new-bytes", "40", "--raw", LONG]) == 0
     assert capsysbinary.readouterr().out == model.generate([LONG], 40)[0]
-    assert main(["generate", "--model", str(path), "--max-new-bytes", "40", "--temperature", "0.9", "--seed", "1", LONG]) == 0
+    assert (
+        main(["generate", "--model", str(path), "--max-new-bytes", "40", "--temperature", "0.9", "--seed", "1", LONG])
+        == 0
+    )
     text = capsysbinary.readouterr().out.decode()
-    expected = (LONG.encode() + model.generate([LONG], 40, temperature=0.9, seed=1)[0]).decode("utf-8", errors="replace")
+    expected = (LONG.encode() + model.generate([LONG], 40, temperature=0.9, seed=1)[0]).decode(
+        "utf-8", errors="replace"
+    )
     assert text == expected + "\n"
 
 
@@ -185,8 +194,24 @@ def test_ctrl_c_while_streaming_exits_cleanly(saved_model):
 
     _, path = saved_model
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "blt.cli", "generate", "--model", str(path), "--max-new-bytes", "100000",
-                             "--no-stop-at-eos", "--raw", "hello"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "blt.cli",
+            "generate",
+            "--model",
+            str(path),
+            "--max-new-bytes",
+            "100000",
+            "--no-stop-at-eos",
+            "--raw",
+            "hello",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     os.set_blocking(proc.stdout.fileno(), False)
     received, deadline = b"", time.time() + 60
     while len(received) < 20 and time.time() < deadline:

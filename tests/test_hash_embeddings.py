@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from blt.hash_embeddings import HASH_PRIMES, HashNgramEmbedding, ngram_hash
+from blt.model.hash_embeddings import HASH_PRIMES, HashNgramEmbedding, ngram_hash
 
 
 def reference_hash(ids, t, n, prime, modulo):
@@ -29,7 +29,9 @@ def test_known_values():
 def test_wraparound_is_exercised():
     # with n=8 the powers of the prime overflow int64: the result must still be the signed-wrap value
     ids = [259] * 8
-    assert ngram_hash(torch.tensor([ids]), 8, HASH_PRIMES[0], 97)[0, -1] == reference_hash(ids, 7, 8, HASH_PRIMES[0], 97)
+    assert ngram_hash(torch.tensor([ids]), 8, HASH_PRIMES[0], 97)[0, -1] == reference_hash(
+        ids, 7, 8, HASH_PRIMES[0], 97
+    )
 
 
 def test_prefix_continues_a_sequence():
@@ -43,7 +45,9 @@ def test_matches_transformers():
     ids = torch.randint(0, 260, (3, 50), generator=torch.Generator().manual_seed(0))
     for f, prime in enumerate(HASH_PRIMES[:3]):
         for n in (3, 5, 8):
-            assert torch.equal(ngram_hash(ids, n, prime, 500002), modeling.byte_group_hash_function(ids, n, prime, 500002))
+            assert torch.equal(
+                ngram_hash(ids, n, prime, 500002), modeling.byte_group_hash_function(ids, n, prime, 500002)
+            )
 
 
 def test_one_table_per_function_and_n_summed():

@@ -1,6 +1,6 @@
 import torch
 
-from blt.masks import (
+from blt.model.masks import (
     decoder_cross_mask,
     document_ids,
     encoder_cross_mask,
@@ -38,7 +38,9 @@ def test_cached_step_mask_uses_absolute_positions():
 def test_sequence_self_mask_fast_path():
     ids = torch.tensor([[1, 10, 11, 12]])
     assert sequence_self_mask(ids, window=8, document_mask=True) is None  # plain causal suffices
-    assert sequence_self_mask(torch.tensor([[1, 10, 11, 2]]), window=8, document_mask=True) is None  # final EOS splits nothing
+    assert (
+        sequence_self_mask(torch.tensor([[1, 10, 11, 2]]), window=8, document_mask=True) is None
+    )  # final EOS splits nothing
     assert sequence_self_mask(ids, window=2, document_mask=True) is not None
     assert sequence_self_mask(torch.tensor([[1, 2, 1, 12]]), window=None, document_mask=True) is not None
 

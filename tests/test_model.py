@@ -5,31 +5,9 @@ import pytest
 import torch
 
 import blt
-from blt.bpe import train_bpe
 from blt.config import PatchingConfig
-from blt.patching import BpePatcher, BytePatcher, EntropyPatcher, SpacePatcher, StaticPatcher
-from tests.conftest import TEXT, median_threshold, random_entropy_model, tiny_config
-
-
-def entropy_patcher(**kw):
-    em = random_entropy_model()
-    theta = median_threshold(em, blt.encode(TEXT)[None])
-    if kw.get("monotonicity"):
-        theta = 0.0531  # not a round number: a rise of exactly 0.05 would sit on it within float noise
-    return EntropyPatcher(em, threshold=theta, **kw)
-
-
-PATCHERS = {
-    "byte": lambda: BytePatcher(),
-    "static": lambda: StaticPatcher(4),
-    "space": lambda: SpacePatcher(),
-    "bpe": lambda: BpePatcher(train_bpe([TEXT * 3], 300)),
-    "entropy-global": lambda: entropy_patcher(),
-    "entropy-monotonic": lambda: entropy_patcher(monotonicity=True),
-    "entropy-combined": lambda: entropy_patcher(threshold_add=0.0113),
-    "entropy-max-length": lambda: entropy_patcher(max_patch_length=3),
-    "space-max-length": lambda: SpacePatcher(max_patch_length=2),
-}
+from blt.model.patching import SpacePatcher, StaticPatcher
+from tests.helpers import PATCHERS, TEXT, entropy_patcher, random_entropy_model, tiny_config
 
 
 def make_model(patcher, seed=0, **cfg):
@@ -80,7 +58,7 @@ def test_entropy_of_a_row_ignores_the_other_rows():
     a, b = blt.encode(TEXT[:64]), blt.encode(TEXT[64:128])
     batch = em.entropies(torch.stack([a, b]))
     assert (batch[1] - em.entropies(b[None])[0]).abs().max() < 1e-5
-    flattened = em.entropies(torch.cat([a, b])[None])[0, len(a):]  # what row b gets when rows are concatenated
+    flattened = em.entropies(torch.cat([a, b])[None])[0, len(a) :]  # what row b gets when rows are concatenated
     assert (flattened - em.entropies(b[None])[0]).abs().max() > 1e-3
 
 
@@ -171,10 +149,12 @@ def test_entropy_model_required_when_patching_by_entropy():
 
 
 def test_one_block_and_one_attention_serve_all_stacks():
-    from blt.transformer import Attention, TransformerBlock
+    from blt.model.transformer import Attention, TransformerBlock
 
     model = blt.BLT(tiny_config(), patcher=entropy_patcher())
-    owners = {n.split(".")[0] if not n.startswith("patcher") else "entropy" for n, m in model.named_modules() if isinstance(m, TransformerBlock)}
+    owners = {n.split(".")[0] for n, m in model.named_modules() if isinstance(m, TransformerBlock)}
+    owners |= {"entropy" for m in model.entropy_model.modules() if isinstance(m, TransformerBlock)}
     assert owners == {"local_encoder", "global_transformer", "local_decoder", "entropy"}
-    attn_types = {type(m) for m in model.modules() if "Attention" in type(m).__name__ and not hasattr(m, "attn")}
+    modules = [*model.modules(), *model.entropy_model.modules()]
+    attn_types = {type(m) for m in modules if "Attention" in type(m).__name__ and not hasattr(m, "attn")}
     assert attn_types == {Attention}

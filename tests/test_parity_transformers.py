@@ -7,52 +7,18 @@ below showing the difference and what the release semantics give.
 
 import pytest
 import torch
+from transformers.models.blt import modeling_blt
 
 import blt
-from tests.conftest import TEXT, median_threshold
-
-transformers = pytest.importorskip("transformers")
-from transformers import BltConfig as HFBltConfig  # noqa: E402
-from transformers import BltForCausalLM  # noqa: E402
-from transformers.models.blt import modeling_blt  # noqa: E402
+from tests.helpers import TEXT, build_pair, hf_config, set_threshold
 
 TOL = 1e-4
-
-
-def hf_config(enc_layers=1, enc_all=False, dec_layers=2, dec_all=True, k=2, d_local=32, d_global=64, n_hash=1, window=16, patcher_window=16, threshold=3.0):
-    local = dict(hidden_size=d_local, num_attention_heads=4, intermediate_size=64, cross_attn_k=k, hidden_size_global=d_global)
-    return HFBltConfig(
-        vocab_size=260, max_position_embeddings=512, patch_in_forward=True, patching_threshold=threshold, cross_attn_k=k,
-        encoder_hash_byte_group_size=[3, 4, 5], encoder_hash_byte_group_vocab=97, encoder_hash_byte_group_nb_functions=n_hash,
-        local_attention_window_len=window,
-        patcher_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, sliding_window=patcher_window),
-        encoder_config=dict(local, num_hidden_layers=enc_layers, cross_attn_all_layers=enc_all),
-        decoder_config=dict(local, num_hidden_layers=dec_layers, cross_attn_all_layers=dec_all),
-        global_config=dict(hidden_size=d_global, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
-    )
-
-
-def build_pair(tmp_path, seed=0, **cfg):
-    torch.manual_seed(seed)
-    hf = BltForCausalLM(hf_config(**cfg)).eval()
-    with torch.no_grad():  # sharpen the random entropy model so that patch sizes vary
-        hf.model.patcher.lm_head.weight.mul_(12.0)
-    hf.save_pretrained(tmp_path / "hf")
-    ours = blt.load_pretrained(tmp_path / "hf")
-    return hf, ours
 
 
 def batch_of_three(length):
     data = (TEXT * 8).encode()
     rows = [blt.encode(data[i * 37 : i * 37 + length - 1]) for i in range(3)]
     return torch.stack(rows)
-
-
-def set_threshold(hf, ours, ids):
-    theta = median_threshold(ours.patcher.entropy_model, ids)
-    hf.config.patching_threshold = theta
-    ours.patcher.threshold = theta
-    return theta
 
 
 def hf_starts(hf, ids, theta):
@@ -101,7 +67,9 @@ def test_logits_and_patches_match(tmp_path, name, length):
     ids = batch_of_three(length)
     starts = check_parity(hf, ours, ids)
     n_patches = starts[:, :length].sum(1)
-    assert (n_patches > 2).all() and (n_patches < length).all(), "the patches should be neither trivial nor all single bytes"
+    assert (n_patches > 2).all() and (n_patches < length).all(), (
+        "the patches should be neither trivial nor all single bytes"
+    )
 
 
 def test_parity_when_the_next_byte_opens_a_patch(tmp_path):
@@ -119,8 +87,19 @@ def test_parity_when_the_next_byte_opens_a_patch(tmp_path):
     assert (ours(prefix) - ours(full)[:, :t]).abs().max() < TOL
 
 
-def release_encoder_forward(self, input_ids=None, inputs_embeds=None, patch_embeds=None, attention_mask=None, position_ids=None,
-                            past_key_values=None, encoder_attention_mask=None, num_patches=None, patch_ids=None, **kwargs):
+def release_encoder_forward(
+    self,
+    input_ids=None,
+    inputs_embeds=None,
+    patch_embeds=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    encoder_attention_mask=None,
+    num_patches=None,
+    patch_ids=None,
+    **kwargs,
+):
     """transformers' local encoder with the release's semantics: the cross-attention queries are
     max-pooled once, at the first cross-attention layer, then refined layer after layer."""
     hidden = inputs_embeds
@@ -162,10 +141,10 @@ def test_documents_are_masked_as_in_the_release(tmp_path):
     packed = torch.cat([first, second])[None]
     # entropy model: the second document sees nothing of the first
     alone = ours.patcher.entropies(second[None])[0]
-    inside = ours.patcher.entropies(packed)[0, len(first):]
+    inside = ours.patcher.entropies(packed)[0, len(first) :]
     assert (alone - inside).abs().max() < 1e-4
     with torch.no_grad():
-        hf_inside = modeling_blt.BltPatcher.forward(hf.model.patcher, packed)[0][0, len(first):]
+        hf_inside = modeling_blt.BltPatcher.forward(hf.model.patcher, packed)[0][0, len(first) :]
     assert (alone - hf_inside).abs().max() > 1e-3
     # the full model: same patches given to both, the logits after the EOS differ
     lengths = ours.patcher.patch_lengths(packed)
@@ -184,7 +163,7 @@ def test_cross_attention_heads_follow_the_release():
     """The release gives cross-attention its own head count (`cross_attn_nheads`); transformers uses
     the local model's. Same weights, different heads, different logits; converting such a model to
     transformers' layout is refused with a message rather than silently changing it."""
-    from tests.conftest import tiny_config
+    from tests.helpers import tiny_config
 
     torch.manual_seed(0)
     ours = blt.BLT(tiny_config(cross_attn_nheads=2))
@@ -192,7 +171,7 @@ def test_cross_attention_heads_follow_the_release():
     hf_semantics.load_state_dict(ours.state_dict())
     ids = blt.encode(TEXT[:60])[None]
     assert (ours(ids) - hf_semantics(ids)).abs().max() > 1e-4
-    from blt.checkpoint import save_hf
+    from blt.weights.hf import save_hf
 
     with pytest.raises(blt.BltError, match="cross_attn_nheads=2"):
         save_hf(ours, "/tmp/never-written")
@@ -203,7 +182,7 @@ def test_inconsistent_k_in_transformers_config_is_named(tmp_path):
     failure) is refused with a message naming the fields."""
     cfg = hf_config(k=4, d_global=48)
     cfg.encoder_config.cross_attn_k = 2
-    from blt.checkpoint import config_from_hf
+    from blt.weights.hf import config_from_hf
 
     with pytest.raises(blt.BltError, match="encoder_config.cross_attn_k=2"):
         config_from_hf(cfg.to_dict())

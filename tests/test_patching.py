@@ -3,7 +3,7 @@ import torch
 
 import blt
 from blt.bpe import encode_with_delimiters, token_spans, train_bpe
-from blt.patching import (
+from blt.model.patching import (
     BpePatcher,
     BytePatcher,
     EntropyPatcher,
@@ -15,7 +15,7 @@ from blt.patching import (
     limit_patch_length,
     starts_to_lengths,
 )
-from tests.conftest import TEXT, random_entropy_model
+from tests.helpers import TEXT, random_entropy_model
 
 T, F = True, False
 H = torch.tensor([[9.0, 1.0, 3.0, 0.5, 2.0, 2.5, 0.1]])  # H[t]: uncertainty about byte t+1

@@ -15,13 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 import blt
-import blt.train
+import blt.training.checkpoints
 from blt.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, main
 from blt.config import PatchingConfig
-from blt.data import Document, PackedSequences, build_stream, stream_entropies
-from blt.evaluate import patch_starts_for
-from blt.train import Interrupted, TrainConfig, latest_checkpoint, lm_loss, train_loop
-from tests.conftest import TEXT, median_threshold, random_entropy_model, tiny_config
+from blt.training.checkpoints import latest_checkpoint
+from blt.training.data import Document, PackedSequences, build_stream, stream_entropies
+from blt.training.evaluate import patch_starts_for
+from blt.training.loop import Interrupted, TrainConfig, lm_loss, train_loop
+from tests.helpers import TEXT, median_threshold, random_entropy_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,17 @@ def blt_job(seed=0):
     return model, PackedSequences(stream, 64, entropies), forward
 
 
-CFG = TrainConfig(seq_len=64, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=2, max_steps=8, ckpt_every=100, log_every=1, eval_every=1000)
+CFG = TrainConfig(
+    seq_len=64,
+    batch_size=4,
+    grad_accum=2,
+    lr=3e-3,
+    warmup_steps=2,
+    max_steps=8,
+    ckpt_every=100,
+    log_every=1,
+    eval_every=1000,
+)
 
 
 def losses(out):
@@ -63,7 +74,15 @@ def test_resume_continues_exactly(tmp_path):
 
     model, data, forward = blt_job()
     with pytest.raises(Interrupted, match="interrupted at step 4"):
-        train_loop(model, data, CFG, broken, forward, progress=False, on_step=lambda s: s == 4 and signal.raise_signal(signal.SIGINT))
+        train_loop(
+            model,
+            data,
+            CFG,
+            broken,
+            forward,
+            progress=False,
+            on_step=lambda s: s == 4 and signal.raise_signal(signal.SIGINT),
+        )
     assert latest_checkpoint(broken).name == "step-00000004"
     assert len(losses(broken)) == 4
     resumed, data, forward = blt_job(seed=123)  # a different init: everything must come from the checkpoint
@@ -78,7 +97,7 @@ def test_resume_continues_exactly(tmp_path):
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     model, data, forward = blt_job()
     cfg = TrainConfig(**{**CFG.__dict__, "ckpt_every": 2, "keep_checkpoints": 5})
-    real_save = blt.train.save_file
+    real_save = blt.training.checkpoints.save_file
     calls = {"n": 0}
 
     def failing_save(*args, **kwargs):
@@ -87,8 +106,10 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(blt.train, "save_file", failing_save)
-    with pytest.raises(blt.BltError, match="No space left on device; the previous checkpoint .*step-00000002 is intact"):
+    monkeypatch.setattr(blt.training.checkpoints, "save_file", failing_save)
+    with pytest.raises(
+        blt.BltError, match="No space left on device; the previous checkpoint .*step-00000002 is intact"
+    ):
         train_loop(model, data, cfg, tmp_path, forward, progress=False)
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["latest", "step-00000002"]  # no half-written directory left behind
@@ -134,7 +155,21 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, case):
 
 def test_cli_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, capsys):
     data = corpus_file(tmp_path)
-    common = ["train", "--data", data, "--out", tmp_path / "r", "--preset", "tiny", "--patching", "space", "--max-steps", "2", "--seq-len", "64"]
+    common = [
+        "train",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "r",
+        "--preset",
+        "tiny",
+        "--patching",
+        "space",
+        "--max-steps",
+        "2",
+        "--seq-len",
+        "64",
+    ]
     run_cli(*common[:-4], "--resume", expect=EXIT_USER_ERROR)
     assert "no checkpoint to resume from" in capsys.readouterr().err
     run_cli(*common, expect=0)
@@ -145,11 +180,29 @@ def test_cli_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, capsys):
 
 
 def test_cli_checkpoint_failure_exits_cleanly(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(blt.train, "save_file", lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")))
-    run_cli("train-entropy", "--data", corpus_file(tmp_path), "--out", tmp_path / "r", "--preset", "tiny", "--max-steps", "3", "--seq-len", "64",
-            expect=EXIT_USER_ERROR)
+    monkeypatch.setattr(
+        blt.training.checkpoints,
+        "save_file",
+        lambda *a, **k: (_ for _ in ()).throw(PermissionError(errno.EACCES, "Permission denied")),
+    )
+    run_cli(
+        "train-entropy",
+        "--data",
+        corpus_file(tmp_path),
+        "--out",
+        tmp_path / "r",
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "3",
+        "--seq-len",
+        "64",
+        expect=EXIT_USER_ERROR,
+    )
     err = capsys.readouterr().err
-    assert "could not write a checkpoint" in err and "Permission denied" in err and "no earlier checkpoint exists" in err
+    assert (
+        "could not write a checkpoint" in err and "Permission denied" in err and "no earlier checkpoint exists" in err
+    )
 
 
 def test_sigint_then_resume_from_the_command_line(tmp_path):
@@ -160,13 +213,41 @@ def test_sigint_then_resume_from_the_command_line(tmp_path):
     another process now and then (a last-bit difference that then grows), which is not what this
     test is about; `test_resume_continues_exactly` covers the multi-threaded loop in one process."""
     data = corpus_file(tmp_path, repeat=30)
-    args = ["--data", str(data), "--preset", "tiny", "--patching", "static", "--max-steps", "60", "--seq-len", "256",
-            "--batch-size", "8", "--log-every", "1", "--ckpt-every", "1000", "--eval-every", "1000", "--device", "cpu"]
+    args = [
+        "--data",
+        str(data),
+        "--preset",
+        "tiny",
+        "--patching",
+        "static",
+        "--max-steps",
+        "60",
+        "--seq-len",
+        "256",
+        "--batch-size",
+        "8",
+        "--log-every",
+        "1",
+        "--ckpt-every",
+        "1000",
+        "--eval-every",
+        "1000",
+        "--device",
+        "cpu",
+    ]
     cmd = [sys.executable, "-m", "blt.cli", "train"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd + args + ["--out", str(tmp_path / "straight")], check=True, capture_output=True, env=env, cwd=tmp_path)
+    subprocess.run(
+        cmd + args + ["--out", str(tmp_path / "straight")], check=True, capture_output=True, env=env, cwd=tmp_path
+    )
 
-    proc = subprocess.Popen(cmd + args + ["--out", str(tmp_path / "broken")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        cmd + args + ["--out", str(tmp_path / "broken")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
     metrics = tmp_path / "broken" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -176,7 +257,13 @@ def test_sigint_then_resume_from_the_command_line(tmp_path):
     assert proc.returncode == EXIT_INTERRUPTED, err.decode()
     assert b"interrupted at step" in err and b"Traceback" not in err
     assert len(metrics.read_text().splitlines()) < 60, "the run finished before the signal: nothing was tested"
-    subprocess.run(cmd + args + ["--out", str(tmp_path / "broken"), "--resume"], check=True, capture_output=True, env=env, cwd=tmp_path)
+    subprocess.run(
+        cmd + args + ["--out", str(tmp_path / "broken"), "--resume"],
+        check=True,
+        capture_output=True,
+        env=env,
+        cwd=tmp_path,
+    )
 
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "broken" / "model.safetensors")
@@ -185,10 +272,12 @@ def test_sigint_then_resume_from_the_command_line(tmp_path):
 
 
 def test_flops_command_matches_the_hand_count(tmp_path, capsys):
-    from tests.test_flops import HAND, hand_config
+    from tests.helpers import HAND, hand_config
 
     (tmp_path / "c.json").write_text(json.dumps(hand_config().to_dict()))
     run_cli("flops", "--config", tmp_path / "c.json", "--seq-bytes", 8, "--mean-patch-bytes", 2, "--json", expect=0)
     report = json.loads(capsys.readouterr().out)
     expected = sum(v for k, v in HAND.items() if k != "entropy_model")  # a config file carries no entropy model
-    assert report["inference_total"] == pytest.approx(expected) and report["training_total"] == pytest.approx(3 * expected)
+    assert report["inference_total"] == pytest.approx(expected) and report["training_total"] == pytest.approx(
+        3 * expected
+    )

@@ -57,11 +57,6 @@ def self_attention_mask(
     return mask.unsqueeze(1)
 
 
-def patch_ids_from_starts(starts: torch.Tensor) -> torch.Tensor:
-    """Patch index of every position, from a [B, L] boolean "a patch starts here" mask."""
-    return starts.long().cumsum(-1) - 1
-
-
 def encoder_cross_mask(byte_patch_ids: torch.Tensor, num_patches: int, k: int) -> torch.Tensor:
     """[B, 1, P*k, T]: each of a patch's k queries sees exactly the bytes of that patch."""
     patches = torch.arange(num_patches, device=byte_patch_ids.device)
@@ -134,11 +129,15 @@ class LocalMask:
         key = ("blocks", device, dtype)
         if key not in self._built:
             allowed = self.blocks(device)
-            self._built[key] = torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+            self._built[key] = torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(
+                ~allowed, float("-inf")
+            )
         return self._built[key]
 
 
-def sequence_self_mask(ids: torch.Tensor, window: int | None, document_mask: bool, eos_id: int = EOS_ID) -> LocalMask | None:
+def sequence_self_mask(
+    ids: torch.Tensor, window: int | None, document_mask: bool, eos_id: int = EOS_ID
+) -> LocalMask | None:
     """The self-attention mask of a whole byte sequence [B, T], or None when plain causal attention
     is exactly right (no window cut and no document boundary), so attention can take the fast path."""
     docs = None

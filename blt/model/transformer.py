@@ -12,15 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blt.masks import LocalMask
-
-
-def ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
-    """The release's SwiGLU width: 2/3 of 4*dim, scaled, rounded up to a multiple of `multiple_of`."""
-    hidden = int(2 * 4 * dim / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+from blt.model.masks import LocalMask
 
 
 class RotaryEmbedding(nn.Module):
@@ -28,7 +20,9 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False)
+        self.register_buffer(
+            "inv_freq", 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim), persistent=False
+        )
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         angles = positions.float().unsqueeze(-1) * self.inv_freq
@@ -61,7 +55,9 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
     qb, kk, vv = blocked(q), with_context(blocked(k)), with_context(blocked(v))
     masks = mask.additive_blocks(q.device, q.dtype).expand(b, -1, -1, -1, -1)
-    out = F.scaled_dot_product_attention(qb.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1), attn_mask=masks.flatten(0, 1))
+    out = F.scaled_dot_product_attention(
+        qb.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1), attn_mask=masks.flatten(0, 1)
+    )
     return out.view(b, n_blocks, h, size, hd).transpose(1, 2).reshape(b, h, n_blocks * size, hd)[:, :, :length]
 
 
@@ -73,7 +69,9 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
     rows = index[:, :, None].expand(-1, -1, n * h * hd)
     kg = k.flatten(2).gather(1, rows).view(b * length, n, h, hd)  # [B*T, n, H, hd]
     vg = v.flatten(2).gather(1, rows).view(b * length, n, h, hd)
-    out = F.scaled_dot_product_attention(q.reshape(b * length, 1, h, hd).transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2))
+    out = F.scaled_dot_product_attention(
+        q.reshape(b * length, 1, h, hd).transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)
+    )
     return out.transpose(1, 2).reshape(b, length, h, hd)
 
 
@@ -129,14 +127,20 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv_heads
         return x if rep == 1 else x.repeat_interleave(rep, dim=dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None, mask=None, is_causal: bool = False, cache=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor | None = None, mask=None, is_causal: bool = False, cache=None
+    ) -> torch.Tensor:
         q = self.project_q(x)  # [B, T, H, hd]
         k, v = self.project_kv(x)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:
             k, v = cache.update(k, v)
-        q, k, v = q.transpose(1, 2), self.repeat_kv(k.transpose(1, 2), 1), self.repeat_kv(v.transpose(1, 2), 1)  # [B, H, T, hd]
+        q, k, v = (
+            q.transpose(1, 2),
+            self.repeat_kv(k.transpose(1, 2), 1),
+            self.repeat_kv(v.transpose(1, 2), 1),
+        )  # [B, H, T, hd]
         if isinstance(mask, LocalMask):
             if mask.banded:
                 out = windowed_attention(q, k, v, mask)
@@ -173,6 +177,19 @@ class TransformerBlock(nn.Module):
         return h + self.ffn(self.ffn_norm(h))
 
 
+def run_layers(layers: nn.ModuleList, h: torch.Tensor, rope: torch.Tensor, mask=None, cache=None, keep=None):
+    """The one loop of a self-attention stack, behind both its forward pass and its decoding step.
+
+    `mask` None means plain causal attention; a KV `cache` gives layer i its `cache.layer(i)`. Returns the output
+    and the states after each layer i for which `keep(i)` holds (the local encoder pools those)."""
+    kept = []
+    for i, layer in enumerate(layers):
+        h = layer(h, rope, mask=mask, is_causal=mask is None, cache=cache.layer(i) if cache is not None else None)
+        if keep is not None and keep(i):
+            kept.append(h)
+    return h, kept
+
+
 class CrossAttention(nn.Module):
     """Patch cross-attention of the local models: RMSNorm on queries and on keys/values, no RoPE.
 
@@ -197,7 +214,9 @@ class CrossAttention(nn.Module):
         out = segment_attention(q, keys, values, byte_patch)
         return queries + self.attn.wo(out.flatten(1, 2).flatten(-2))
 
-    def read(self, h: torch.Tensor, patch_kv: tuple[torch.Tensor, torch.Tensor], patch_index: torch.Tensor) -> torch.Tensor:
+    def read(
+        self, h: torch.Tensor, patch_kv: tuple[torch.Tensor, torch.Tensor], patch_index: torch.Tensor
+    ) -> torch.Tensor:
         """h [B, T, D]; patch_kv: keys/values [B, P, k, H, hd] (from `patch_kv`); patch_index [B, T]."""
         out = gather_attention(self.attn.project_q(self.q_norm(h)), *patch_kv, patch_index)
         return h + self.attn.wo(out.flatten(-2))

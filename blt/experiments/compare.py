@@ -29,19 +29,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blt.baselines import lm_config, token_byte_lengths, token_stream, token_vocab_size
 from blt.bpe import load_bpe, train_bpe
-from blt.config import BLTConfig, EntropyModelConfig, PatchingConfig
-from blt.data import Document, PackedSequences, build_stream, read_documents, split_documents, stream_entropies
-from blt.entropy_model import EntropyModel
+from blt.config import BLTConfig, EntropyModelConfig, PatchingConfig, ffn_hidden_dim
 from blt.errors import BltError
-from blt.evaluate import evaluate_stream
+from blt.experiments.baselines import lm_config, token_byte_lengths, token_stream, token_vocab_size
+from blt.experiments.noise import PERTURBATIONS, perturb
 from blt.flops import entropy_model_flops, flops_per_byte
-from blt.model import BLT, init_weights
-from blt.noise import PERTURBATIONS, perturb
-from blt.patching import EntropyPatcher, SpacePatcher, StaticPatcher, threshold_for_mean_patch
-from blt.train import TrainConfig, train_loop
-from blt.transformer import ffn_hidden_dim
+from blt.model.blt import init_weights
+from blt.model.patching import EntropyPatcher, SpacePatcher, StaticPatcher, threshold_for_mean_patch
+from blt.training.data import Document, PackedSequences, build_stream, read_documents, split_documents, stream_entropies
+from blt.training.evaluate import evaluate_stream
+from blt.training.loop import TrainConfig, train_loop
+from blt.training.recipes import blt_forward, lm_forward
+from blt.weights import BLT, EntropyModel, load_entropy_model
 
 MODELS = ("bpe", "byte", "blt-static", "blt-space", "blt-entropy")
 WIDTHS = tuple(range(64, 1025, 32))
@@ -68,13 +68,26 @@ def blt_config(width: int, patching: PatchingConfig, seq_len: int) -> BLTConfig:
     layers, heads, ffn = trunk(width)
     local = local_width(width)
     return BLTConfig(
-        dim_local_encoder=local, n_layers_local_encoder=1, n_heads_local_encoder=local // 32,
-        dim_global=width, n_layers_global=layers, n_heads_global=heads,
-        dim_local_decoder=local, n_layers_local_decoder=2, n_heads_local_decoder=local // 32,
-        ffn_dim_local_encoder=ffn_hidden_dim(local, multiple_of=32), ffn_dim_global=ffn, ffn_dim_local_decoder=ffn_hidden_dim(local, multiple_of=32),
-        cross_attn_k=2, cross_attn_nheads=local // 32, local_attention_window_len=512,
-        encoder_hash_byte_group_size=[3, 4, 5, 6, 7, 8], encoder_hash_byte_group_vocab=4096,
-        max_seqlen=seq_len + 1, max_encoder_seq_length=seq_len, patching=patching,
+        dim_local_encoder=local,
+        n_layers_local_encoder=1,
+        n_heads_local_encoder=local // 32,
+        dim_global=width,
+        n_layers_global=layers,
+        n_heads_global=heads,
+        dim_local_decoder=local,
+        n_layers_local_decoder=2,
+        n_heads_local_decoder=local // 32,
+        ffn_dim_local_encoder=ffn_hidden_dim(local, multiple_of=32),
+        ffn_dim_global=ffn,
+        ffn_dim_local_decoder=ffn_hidden_dim(local, multiple_of=32),
+        cross_attn_k=2,
+        cross_attn_nheads=local // 32,
+        local_attention_window_len=512,
+        encoder_hash_byte_group_size=[3, 4, 5, 6, 7, 8],
+        encoder_hash_byte_group_vocab=4096,
+        max_seqlen=seq_len + 1,
+        max_encoder_seq_length=seq_len,
+        patching=patching,
     )
 
 
@@ -145,8 +158,10 @@ def plan(model: str, budget: float, stats: DataStats, seq_len: int, batch_size: 
     smallest = unit_cost(model, WIDTHS[0], stats, seq_len)
     minimum = MIN_STEPS * smallest[0] * batch_size * seq_len / smallest[1]
     if budget < minimum:
-        raise BltError(f"budget {budget:.2e} FLOPs is too small for {model}: its smallest size (width {WIDTHS[0]}) needs at least "
-                       f"{minimum:.2e} FLOPs for {MIN_STEPS} steps of {batch_size} x {seq_len} bytes")
+        raise BltError(
+            f"budget {budget:.2e} FLOPs is too small for {model}: its smallest size (width {WIDTHS[0]}) needs at least "
+            f"{minimum:.2e} FLOPs for {MIN_STEPS} steps of {batch_size} x {seq_len} bytes"
+        )
     return Plan(model, budget, width, max(1, round(budget / per_step)), per_step, params, unit_bytes)
 
 
@@ -158,21 +173,39 @@ def learning_rate(width: int) -> float:
 class Workspace:
     """Everything shared by the runs of one comparison: data, tokenizer, entropy model, patchers."""
 
-    def __init__(self, data: list[str], out: Path, seq_len: int, bpe_vocab: int, val_fraction: float, split: str, entropy_steps: int, progress: bool):
+    def __init__(
+        self,
+        data: list[str],
+        out: Path,
+        seq_len: int,
+        bpe_vocab: int,
+        val_fraction: float,
+        split: str,
+        entropy_steps: int,
+        progress: bool,
+    ):
         docs = read_documents(data)
         self.train_docs, self.val_docs = split_documents(docs, val_fraction, split)
         self.out, self.seq_len, self.progress = out, seq_len, progress
         out.mkdir(parents=True, exist_ok=True)
         self.train_bytes, self.val_bytes = build_stream(self.train_docs), build_stream(self.val_docs)
         tok_path = out / "bpe_tokenizer.json"
-        self.tokenizer = load_bpe(tok_path) if tok_path.exists() else train_bpe((d.data for d in self.train_docs), bpe_vocab)
+        self.tokenizer = (
+            load_bpe(tok_path) if tok_path.exists() else train_bpe((d.data for d in self.train_docs), bpe_vocab)
+        )
         self.tokenizer.save(str(tok_path))
-        self.train_tokens, self.val_tokens = token_stream(self.tokenizer, self.train_docs), token_stream(self.tokenizer, self.val_docs)
+        self.train_tokens, self.val_tokens = (
+            token_stream(self.tokenizer, self.train_docs),
+            token_stream(self.tokenizer, self.val_docs),
+        )
         self.token_bytes = token_byte_lengths(self.tokenizer)
         self.entropy_model = self._entropy_model(data, entropy_steps, val_fraction, split)
         self.train_ent = stream_entropies(self.entropy_model, self.train_bytes, progress=progress)
         self.val_ent = stream_entropies(self.entropy_model, self.val_bytes, progress=progress)
-        rows = [torch.from_numpy(self.train_ent[s : s + seq_len].copy()) for s in range(0, min(len(self.train_ent), 256 * seq_len), seq_len)]
+        rows = [
+            torch.from_numpy(self.train_ent[s : s + seq_len].copy())
+            for s in range(0, min(len(self.train_ent), 256 * seq_len), seq_len)
+        ]
         theta = threshold_for_mean_patch(rows, TARGET_PATCH_BYTES)
         self.patchers = {
             "blt-static": StaticPatcher(STATIC_PATCH),
@@ -182,17 +215,19 @@ class Workspace:
         sample = torch.from_numpy(self.train_bytes[: 64 * seq_len].astype(np.int64)).view(-1, seq_len)
         ent = torch.from_numpy(self.train_ent[: 64 * seq_len].copy()).view(-1, seq_len)
         self.stats = DataStats(
-            bytes_per_token=int(self.token_bytes[torch.from_numpy(self.train_tokens.astype(np.int64))].sum()) / max(1, int((self.train_tokens >= 4).sum())),
-            bytes_per_patch={name: sample.numel() / int(p(sample, ent)[:, :seq_len].sum()) if p.uses_entropy else sample.numel() / int(p(sample)[:, :seq_len].sum())
-                             for name, p in self.patchers.items()},
+            bytes_per_token=int(self.token_bytes[torch.from_numpy(self.train_tokens.astype(np.int64))].sum())
+            / max(1, int((self.train_tokens >= 4).sum())),
+            bytes_per_patch={
+                name: sample.numel() / int(p(sample, ent)[:, :seq_len].sum())
+                if p.uses_entropy
+                else sample.numel() / int(p(sample)[:, :seq_len].sum())
+                for name, p in self.patchers.items()
+            },
             bpe_vocab=token_vocab_size(self.tokenizer),
             entropy_flops_per_byte=entropy_model_flops(self.entropy_model.config, seq_len),
         )
 
     def _entropy_model(self, data, steps, val_fraction, split) -> EntropyModel:
-        from blt.checkpoint import load_pretrained
-        from blt.recipes import lm_forward
-
         path = self.out / "entropy"
         if not (path / "model.safetensors").exists():
             if path.exists():
@@ -200,11 +235,21 @@ class Workspace:
             torch.manual_seed(0)
             model = EntropyModel(ENTROPY_CONFIG)
             init_weights(model)
-            cfg = TrainConfig(seq_len=256, batch_size=16, lr=4e-3, warmup_steps=min(30, steps), max_steps=steps, eval_every=10**9,
-                              ckpt_every=10**9, log_every=max(1, steps // 50))
-            train_loop(model, PackedSequences(self.train_bytes, cfg.seq_len), cfg, path, lm_forward, progress=self.progress)
+            cfg = TrainConfig(
+                seq_len=256,
+                batch_size=16,
+                lr=4e-3,
+                warmup_steps=min(30, steps),
+                max_steps=steps,
+                eval_every=10**9,
+                ckpt_every=10**9,
+                log_every=max(1, steps // 50),
+            )
+            train_loop(
+                model, PackedSequences(self.train_bytes, cfg.seq_len), cfg, path, lm_forward, progress=self.progress
+            )
             model.save_pretrained(path)
-        return load_pretrained(path)
+        return load_entropy_model(path)
 
     def run(self, p: Plan, batch_size: int, seq_len: int) -> dict:
         """Train and evaluate one plan (or read its finished result)."""
@@ -214,16 +259,32 @@ class Workspace:
             return json.loads(summary.read_text())
         if out.exists():
             shutil.rmtree(out)  # an unfinished run starts over: its budget is spent in one go
-        cfg = TrainConfig(seq_len=seq_len, batch_size=batch_size, lr=learning_rate(p.width), warmup_steps=max(1, min(100, p.steps // 10)),
-                          max_steps=p.steps, eval_every=10**9, ckpt_every=10**9, log_every=max(1, p.steps // 50))
+        cfg = TrainConfig(
+            seq_len=seq_len,
+            batch_size=batch_size,
+            lr=learning_rate(p.width),
+            warmup_steps=max(1, min(100, p.steps // 10)),
+            max_steps=p.steps,
+            eval_every=10**9,
+            ckpt_every=10**9,
+            log_every=max(1, p.steps // 50),
+        )
         torch.manual_seed(cfg.seed)
         layers, heads, ffn = trunk(p.width)
-        from blt.recipes import blt_forward, lm_forward
-
         if p.model in ("byte", "bpe"):
             tokens = p.model == "bpe"
             length = max(1, round(seq_len / self.stats.bytes_per_token)) if tokens else seq_len
-            model = EntropyModel(lm_config(p.width, layers, heads, ffn, self.stats.bpe_vocab if tokens else 260, None if tokens else 512, length))
+            model = EntropyModel(
+                lm_config(
+                    p.width,
+                    layers,
+                    heads,
+                    ffn,
+                    self.stats.bpe_vocab if tokens else 260,
+                    None if tokens else 512,
+                    length,
+                )
+            )
             init_weights(model)
             cfg = dataclasses.replace(cfg, seq_len=length)
             train, val = (self.train_tokens, self.val_tokens) if tokens else (self.train_bytes, self.val_bytes)
@@ -234,14 +295,34 @@ class Workspace:
             result = evaluate_stream(model, val, length, bytes_per_id=lengths)
             inference = entropy_model_flops(model.config, length) / p.bytes_per_unit
             unit_bytes = self.stats.bytes_per_token if tokens else 1.0
-            noise = self._noise(lambda docs: evaluate_stream(model, token_stream(self.tokenizer, docs) if tokens else build_stream(docs), length, bytes_per_id=lengths)["bpb"])
+            noise = self._noise(
+                lambda docs: evaluate_stream(
+                    model,
+                    token_stream(self.tokenizer, docs) if tokens else build_stream(docs),
+                    length,
+                    bytes_per_id=lengths,
+                )["bpb"]
+            )
         else:
             patcher = self.patchers[p.model]
-            config = blt_config(p.width, PatchingConfig(mode=patcher.mode, patch_size=STATIC_PATCH, threshold=getattr(patcher, "threshold", None)), seq_len)
+            config = blt_config(
+                p.width,
+                PatchingConfig(
+                    mode=patcher.mode, patch_size=STATIC_PATCH, threshold=getattr(patcher, "threshold", None)
+                ),
+                seq_len,
+            )
             model = BLT(config, patcher=patcher)
             uses_entropy = patcher.uses_entropy
             start = time.time()
-            train_loop(model, PackedSequences(self.train_bytes, seq_len, self.train_ent if uses_entropy else None), cfg, out, blt_forward(patcher), progress=self.progress)
+            train_loop(
+                model,
+                PackedSequences(self.train_bytes, seq_len, self.train_ent if uses_entropy else None),
+                cfg,
+                out,
+                blt_forward(patcher),
+                progress=self.progress,
+            )
             wall = time.time() - start
             result = evaluate_stream(model, self.val_bytes, seq_len, entropies=self.val_ent if uses_entropy else None)
             unit_bytes = result["mean_patch_bytes"]
@@ -255,10 +336,18 @@ class Workspace:
 
             noise = self._noise(bpb)
         record = {
-            "model": p.model, "budget": p.budget, "width": p.width, "trunk_params": p.trunk_params,
-            "params": sum(t.numel() for n, t in model.named_parameters() if not n.startswith("patcher.")),
-            "steps": p.steps, "train_flops": p.train_flops, "bpb": result["bpb"], "inference_flops_per_byte": inference,
-            "bytes_per_unit": unit_bytes, "wall_seconds": wall, "noise": noise,
+            "model": p.model,
+            "budget": p.budget,
+            "width": p.width,
+            "trunk_params": p.trunk_params,
+            "params": sum(t.numel() for t in model.parameters()),
+            "steps": p.steps,
+            "train_flops": p.train_flops,
+            "bpb": result["bpb"],
+            "inference_flops_per_byte": inference,
+            "bytes_per_unit": unit_bytes,
+            "wall_seconds": wall,
+            "noise": noise,
         }
         summary.write_text(json.dumps(record, indent=2) + "\n")
         return record
@@ -277,14 +366,29 @@ class Workspace:
         clean = self.noise_docs()
         scores = {"clean": bpb(clean)}
         for kind in PERTURBATIONS:
-            noisy = [Document(d.name, perturb(d.data.decode("utf-8", errors="replace"), kind, seed=0).encode()) for d in clean]
+            noisy = [
+                Document(d.name, perturb(d.data.decode("utf-8", errors="replace"), kind, seed=0).encode())
+                for d in clean
+            ]
             scores[kind] = bpb(noisy)
         return scores
 
 
-def run_compare(data: list[str], budgets: list[float], models: list[str], out: str | Path, seq_len: int = 512, batch_size: int = 8,
-                bpe_vocab: int = 1024, val_fraction: float = 0.1, split: str = "auto", entropy_steps: int = 300, progress: bool = True,
-                title: str | None = None, report: str | Path | None = None) -> list[dict]:
+def run_compare(
+    data: list[str],
+    budgets: list[float],
+    models: list[str],
+    out: str | Path,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    bpe_vocab: int = 1024,
+    val_fraction: float = 0.1,
+    split: str = "auto",
+    entropy_steps: int = 300,
+    progress: bool = True,
+    title: str | None = None,
+    report: str | Path | None = None,
+) -> list[dict]:
     """Run (or read back) every plan and write the report to `report` (.md, -train.png, -inference.png;
     default `out`/compare)."""
     unknown = [m for m in models if m not in MODELS]
@@ -294,7 +398,9 @@ def run_compare(data: list[str], budgets: list[float], models: list[str], out: s
         raise BltError("budgets must be positive FLOP counts, e.g. 1e13,3e13")
     out = Path(out)
     ws = Workspace(data, out, seq_len, bpe_vocab, val_fraction, split, entropy_steps, progress)
-    plans = [plan(m, b, ws.stats, seq_len, batch_size) for b in sorted(budgets) for m in models]  # all sized first: bad budgets fail fast
+    plans = [
+        plan(m, b, ws.stats, seq_len, batch_size) for b in sorted(budgets) for m in models
+    ]  # all sized first: bad budgets fail fast
     results = []
     for i, p in enumerate(plans, 1):
         if progress:
@@ -306,32 +412,66 @@ def run_compare(data: list[str], budgets: list[float], models: list[str], out: s
 
 
 # ---- report -------------------------------------------------------------------------------------
-def write_report(results: list[dict], ws: Workspace, stem: Path, data, title: str, seq_len: int, batch_size: int, split: str, val_fraction: float) -> None:
+def write_report(
+    results: list[dict],
+    ws: Workspace,
+    stem: Path,
+    data,
+    title: str,
+    seq_len: int,
+    batch_size: int,
+    split: str,
+    val_fraction: float,
+) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     plot_results(results, stem)
-    lines = [f"# {title}", "",
-             f"Data: {', '.join(map(str, data))}; held out: {split} split, {val_fraction:.0%} "
-             f"({len(ws.val_bytes):,} ids of validation, {len(ws.train_bytes):,} of training).",
-             f"Training: {batch_size} sequences of {seq_len} bytes per step; sizing rule and FLOP accounting in `blt/compare.py`.",
-             f"BPE: {ws.stats.bpe_vocab - 4} tokens trained on the training split, {ws.stats.bytes_per_token:.2f} bytes per token. "
-             f"Patches: static {STATIC_PATCH}, space {ws.stats.bytes_per_patch['blt-space']:.2f}, entropy "
-             f"{ws.stats.bytes_per_patch['blt-entropy']:.2f} bytes on average.", "",
-             "| model | budget (FLOPs) | width | params | steps | bpb | training FLOPs used | inference FLOPs/byte | bytes per patch/token | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Data: {', '.join(map(str, data))}; held out: {split} split, {val_fraction:.0%} "
+        f"({len(ws.val_bytes):,} ids of validation, {len(ws.train_bytes):,} of training).",
+        f"Training: {batch_size} sequences of {seq_len} bytes per step; sizing rule and FLOP accounting in "
+        "`blt/experiments/compare.py`.",
+        f"BPE: {ws.stats.bpe_vocab - 4} tokens trained on the training split, {ws.stats.bytes_per_token:.2f} "
+        "bytes per token. "
+        f"Patches: static {STATIC_PATCH}, space {ws.stats.bytes_per_patch['blt-space']:.2f}, entropy "
+        f"{ws.stats.bytes_per_patch['blt-entropy']:.2f} bytes on average.",
+        "",
+        "| model | budget (FLOPs) | width | params | steps | bpb | training FLOPs used | inference "
+        "FLOPs/byte | bytes per patch/token | wall time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(results, key=lambda r: (r["budget"], MODELS.index(r["model"]))):
-        lines.append(f"| {r['model']} | {r['budget']:.1e} | {r['width']} | {r['params'] / 1e6:.2f} M | {r['steps']} | {r['bpb']:.3f} | "
-                     f"{r['train_flops']:.2e} | {r['inference_flops_per_byte']:.2e} | {r['bytes_per_unit']:.2f} | {r['wall_seconds'] / 60:.1f} min |")
+        lines.append(
+            f"| {r['model']} | {r['budget']:.1e} | {r['width']} | {r['params'] / 1e6:.2f} M | {r['steps']} | "
+            f"{r['bpb']:.3f} | "
+            f"{r['train_flops']:.2e} | {r['inference_flops_per_byte']:.2e} | {r['bytes_per_unit']:.2f} | "
+            f"{r['wall_seconds'] / 60:.1f} min |"
+        )
     kinds = ["clean", *PERTURBATIONS]
-    lines += ["", "## Noise robustness", "",
-              f"bpb on the first {NOISE_BYTES // 1000} KB of the held-out text, clean and perturbed (seed 0; `blt/noise.py`: "
-              "random case 20% of letters, drop 5% of characters, repeat 5%, spaced-out upper-case letters in 20% of words). "
-              "In brackets: the increase over clean.", "",
-              "| model | budget | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    lines += [
+        "",
+        "## Noise robustness",
+        "",
+        f"bpb on the first {NOISE_BYTES // 1000} KB of the held-out text, clean and perturbed "
+        "(seed 0; `blt/experiments/noise.py`: random case 20% of letters, drop 5% of characters, repeat 5%, "
+        "spaced-out upper-case letters in 20% of words). "
+        "In brackets: the increase over clean.",
+        "",
+        "| model | budget | " + " | ".join(kinds) + " |",
+        "|---|---|" + "---|" * len(kinds),
+    ]
     for r in sorted(results, key=lambda r: (r["budget"], MODELS.index(r["model"]))):
         n = r["noise"]
         cells = [f"{n['clean']:.3f}"] + [f"{n[k]:.3f} (+{n[k] - n['clean']:.3f})" for k in PERTURBATIONS]
         lines.append(f"| {r['model']} | {r['budget']:.1e} | " + " | ".join(cells) + " |")
-    lines += ["", f"![bpb against training FLOPs]({stem.name}-train.png)", "", f"![bpb against inference FLOPs per byte]({stem.name}-inference.png)", ""]
+    lines += [
+        "",
+        f"![bpb against training FLOPs]({stem.name}-train.png)",
+        "",
+        f"![bpb against inference FLOPs per byte]({stem.name}-inference.png)",
+        "",
+    ]
     (stem.with_suffix(".md")).write_text("\n".join(lines))
 
 
@@ -341,7 +481,10 @@ def plot_results(results: list[dict], stem: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for key, label, suffix in (("train_flops", "training FLOPs", "train"), ("inference_flops_per_byte", "inference FLOPs per byte", "inference")):
+    for key, label, suffix in (
+        ("train_flops", "training FLOPs", "train"),
+        ("inference_flops_per_byte", "inference FLOPs per byte", "inference"),
+    ):
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for model in MODELS:
             rs = sorted((r for r in results if r["model"] == model), key=lambda r: r[key])

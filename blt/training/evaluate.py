@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blt.entropy_model import EntropyModel
-from blt.patching import EntropyPatcher, Patcher
+from blt.model.entropy_model import EntropyModel
+from blt.model.patching import EntropyPatcher, Patcher
 from blt.tokenizer import BPE_ID, OFFSET, VOCAB_SIZE
 
 
@@ -39,13 +39,21 @@ def byte_lengths() -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_stream(model, stream: np.ndarray, seq_len: int, batch_size: int = 8, entropies: np.ndarray | None = None,
-                    max_windows: int | None = None, autocast=None, bytes_per_id: torch.Tensor | None = None) -> dict:
+def evaluate_stream(
+    model,
+    stream: np.ndarray,
+    seq_len: int,
+    batch_size: int = 8,
+    entropies: np.ndarray | None = None,
+    max_windows: int | None = None,
+    autocast=None,
+    bytes_per_id: torch.Tensor | None = None,
+) -> dict:
     """bpb of `model` (a BLT, or an LM over ids such as the entropy model or a token model) over `stream`."""
     bytes_per_id = byte_lengths() if bytes_per_id is None else bytes_per_id
     was_training = model.training
     model.eval()
-    device = next(p for n, p in model.named_parameters() if not n.startswith("patcher.")).device
+    device = next(model.parameters()).device
     spans = windows(len(stream), seq_len)[:max_windows]
     bits = 0.0
     n_bytes = n_positions = n_patches = 0
@@ -61,11 +69,17 @@ def evaluate_stream(model, stream: np.ndarray, seq_len: int, batch_size: int = 8
                 if isinstance(model, EntropyModel):
                     logits = model(ids.to(device))
                 else:
-                    ent = torch.from_numpy(np.stack([entropies[s:e] for s, e in chunk]).astype(np.float32)) if entropies is not None else None
+                    ent = (
+                        torch.from_numpy(np.stack([entropies[s:e] for s, e in chunk]).astype(np.float32))
+                        if entropies is not None
+                        else None
+                    )
                     starts = patch_starts_for(model.patcher, ids, ent)
                     n_patches += int(starts[:, :length].sum())
                     logits = model(ids.to(device), patch_starts=starts.to(device))
-            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="none").view_as(targets)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="none").view_as(
+                targets
+            )
             lengths = bytes_per_id[targets]
             counted = (lengths > 0) | (targets == BPE_ID)
             bits += float(nll[counted.to(device)].sum()) / math.log(2)

@@ -11,32 +11,31 @@ import torch
 from torch import nn
 
 from blt.config import BLTConfig
-from blt.transformer import RotaryEmbedding, TransformerBlock
+from blt.model.transformer import RotaryEmbedding, TransformerBlock, run_layers
 
 
 class GlobalTransformer(nn.Module):
     def __init__(self, config: BLTConfig):
         super().__init__()
         c = config
-        self.in_proj = nn.Linear(c.global_input_dim, c.dim_global, bias=False) if c.global_input_dim != c.dim_global else None
+        self.in_proj = (
+            nn.Linear(c.global_input_dim, c.dim_global, bias=False) if c.global_input_dim != c.dim_global else None
+        )
         self.rope = RotaryEmbedding(c.dim_global // c.n_heads_global, c.rope_theta)
         self.layers = nn.ModuleList(
-            TransformerBlock(c.dim_global, c.n_heads_global, c.n_kv_heads_global, c.ffn_dims[1], c.norm_eps) for _ in range(c.n_layers_global)
+            TransformerBlock(c.dim_global, c.n_heads_global, c.n_kv_heads_global, c.ffn_dims[1], c.norm_eps)
+            for _ in range(c.n_layers_global)
         )
 
     def forward(self, patches: torch.Tensor, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """patches [B, P, k*D_enc] -> [B, P, D_global]; causal over patches (`mask` adds document blocks)."""
         h = patches if self.in_proj is None else self.in_proj(patches)
         rope = self.rope(torch.arange(h.shape[1], device=h.device))
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask=mask, is_causal=mask is None, cache=cache.layer(i) if cache is not None else None)
-        return h
+        return run_layers(self.layers, h, rope, mask, cache)[0]
 
     def step(self, patches: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache) -> torch.Tensor:
         """One more patch for each row of `rows` (patches [n, k*D_enc] at patch `positions` [n]) -> [n, D_global]."""
         mask = cache.step(positions, rows)
         h = (patches if self.in_proj is None else self.in_proj(patches))[:, None]
         rope = self.rope(positions[:, None])
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask=mask, cache=cache.layer(i))
-        return h[:, 0]
+        return run_layers(self.layers, h, rope, mask, cache)[0][:, 0]

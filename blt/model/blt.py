@@ -1,10 +1,10 @@
 """The Byte Latent Transformer: bytes -> patches -> local encoder -> global transformer -> local decoder.
 
-    ids [B, T] --patcher--> starts [B, T+1]
-    local encoder:  byte states h [B, T, D_enc], patch vectors [B, P, k*D_enc]
-    global:         patch outputs [B, P, D_global]          (once per patch: where the FLOPs are saved)
-    local decoder:  byte t reads the outputs of the patch before the one byte t+1 belongs to
-                    -> next-byte logits [B, T, 260]
+ids [B, T] --patcher--> starts [B, T+1]
+local encoder:  byte states h [B, T, D_enc], patch vectors [B, P, k*D_enc]
+global:         patch outputs [B, P, D_global]          (once per patch: where the FLOPs are saved)
+local decoder:  byte t reads the outputs of the patch before the one byte t+1 belongs to
+                -> next-byte logits [B, T, 260]
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from torch import nn
 
 from blt.config import BLTConfig
 from blt.errors import BltError
-from blt.global_transformer import GlobalTransformer
-from blt.local_decoder import LocalDecoder
-from blt.local_encoder import LocalEncoder
-from blt.masks import document_ids, self_attention_mask, sequence_self_mask
-from blt.patching import Patcher, build_patcher, lengths_to_starts
+from blt.model.global_transformer import GlobalTransformer
+from blt.model.local_decoder import LocalDecoder
+from blt.model.local_encoder import LocalEncoder
+from blt.model.masks import document_ids, self_attention_mask, sequence_self_mask
+from blt.model.patching import Patcher, build_patcher, lengths_to_starts
 from blt.tokenizer import EOS_ID, encode
 
 
@@ -54,6 +54,10 @@ def init_weights(module: nn.Module) -> None:
 
 
 class BLT(nn.Module):
+    """The network. Its patcher (with the frozen entropy model it may hold) is not one of its submodules: the
+    patcher's weights are not in `state_dict()` or `parameters()` (they are saved, trained and sharded on their
+    own), yet `.to()`, `.float()`, `.cuda()` move them along with the model (`_apply`)."""
+
     def __init__(self, config: BLTConfig, patcher: Patcher | None = None):
         super().__init__()
         self.config = config
@@ -62,6 +66,13 @@ class BLT(nn.Module):
         self.local_decoder = LocalDecoder(config)
         init_weights(self)
         self.patcher = patcher if patcher is not None else build_patcher(config.patching)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.patcher is not None:
+            for module in self.patcher.modules():
+                module._apply(fn, *args, **kwargs)
+        return self
 
     # ---- patches ---------------------------------------------------------------------------
     def patch_starts(self, ids: torch.Tensor, patch_lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,7 +91,9 @@ class BLT(nn.Module):
         return self.patcher.encode(text, bos) if self.patcher is not None else encode(text, bos)
 
     # ---- forward ---------------------------------------------------------------------------
-    def forward(self, ids: torch.Tensor, patch_lengths: torch.Tensor | None = None, patch_starts: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, patch_lengths: torch.Tensor | None = None, patch_starts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Next-byte logits [B, T, 260] for ids [B, T].
 
         Patches come from `patch_lengths` [B, P], from a precomputed `patch_starts` [B, T+1] mask, or
@@ -112,38 +125,12 @@ class BLT(nn.Module):
         pos = torch.arange(num_patches, device=ids.device)
         return self_attention_mask(pos, q_doc=document_ids(patch_ids, EOS_ID))
 
-    # ---- generation ----------------------------------------------------------------------------
-    def generate(self, prompts, max_new_bytes: int, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop=None, stop_at_eos: bool = True) -> list[bytes]:
-        """The new bytes for each prompt (str or bytes), with caches at every level (`blt.inference`).
-
-        Greedy at temperature 0, else top-k / top-p sampling; a fixed `seed` reproduces a run, and each
-        prompt of a batch gets exactly what it gets alone. Only bytes are produced, and EOS when
-        `stop_at_eos` (it ends the row); `stop` strings end a row too and are left out.
-        """
-        from blt.inference import generate
-
-        return generate(self, prompts, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop, stop_at_eos=stop_at_eos)
-
-    def stream(self, prompts, max_new_bytes: int, **kwargs):
-        """`generate`, step by step: yields one item per prompt per step (see `blt.inference.stream`)."""
-        from blt.inference import stream
-
-        return stream(self, prompts, max_new_bytes, **kwargs)
-
-    # ---- weights in and out ------------------------------------------------------------------
     @property
     def entropy_model(self):
         return getattr(self.patcher, "entropy_model", None)
 
-    def save_pretrained(self, path) -> None:
-        """Write `config.json` + `model.safetensors` (+ `entropy_model/`, + `bpe_tokenizer.json`)."""
-        from blt.checkpoint import save_blt
-
-        save_blt(self, path)
-
     def num_params(self, embeddings: bool = True) -> int:
-        params = {id(p): p for n, p in self.named_parameters() if not n.startswith("patcher.")}
+        params = {id(p): p for p in self.parameters()}
         if not embeddings:
             for m in (self.local_encoder.tok_embeddings, self.local_encoder.hash_embeddings):
                 for p in m.parameters() if m is not None else ():

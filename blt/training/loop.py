@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -30,10 +29,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from blt.data import PackedSequences, batch_indices
 from blt.errors import BltError
+from blt.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from blt.training.data import PackedSequences, batch_indices
+from blt.training.distributed import Dist, any_rank, mean_across_ranks
 
 
 class Interrupted(KeyboardInterrupt):
@@ -69,118 +70,8 @@ class TrainConfig:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# ---- distributed ------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str | None = None) -> Dist:
-    """Read torchrun's environment; a plain run is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if world == 1:
-        return Dist(device=torch.device(device))
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, dev)
-
-
-def _mean_across_ranks(value: float, d: Dist) -> float:
-    if d.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / d.world
-
-
-def _any_rank(flag: bool, d: Dist) -> bool:
-    if d.world == 1:
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t)
-    return bool(t.item())
-
-
-# ---- checkpoints --------------------------------------------------------------------------------
-def _own_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith("patcher.")}
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, position: int, elapsed: float, keep: int) -> Path:
-    """Write checkpoint `step` atomically; on failure the previous checkpoint stays as it was."""
-    root = out / "checkpoints"
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    previous = latest_checkpoint(out)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(_own_state(model), str(tmp / "model.safetensors"))
-        state = {
-            "step": step, "position": position, "elapsed": elapsed,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        torch.save(state, tmp / "trainer.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise BltError(f"could not write a checkpoint in {root}: {e.strerror or e}; {kept}") from None
-    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = out / "checkpoints" / pointer.read_text().strip()
-    return path if path.is_dir() else None
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    weights = load_file(str(path / "model.safetensors"))
-    own = _own_state(model)
-    if set(weights) != set(own):
-        raise BltError(f"{path} does not hold this model's weights")
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(weights[k])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return state
-
-
-# ---- the loop -------------------------------------------------------------------------------
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("patcher.")]
+    params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -245,9 +136,14 @@ def train_loop(
         for sig in (signal.SIGINT, signal.SIGTERM):
             handlers[sig] = signal.signal(sig, lambda *_: stop.__setitem__("signal", True))
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not (progress and d.main), dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not (progress and d.main),
+        dynamic_ncols=True,
+    )
     start = time.time()
     rows_per_step = cfg.batch_size * cfg.grad_accum
     last = {}
@@ -260,7 +156,7 @@ def train_loop(
                 rows = indices[micro * cfg.batch_size : (micro + 1) * cfg.batch_size][d.rank :: d.world]
                 batch = {k: v.to(d.device) for k, v in data.batch(rows).items()}
                 sync = micro == cfg.grad_accum - 1 or d.world == 1
-                with (nullcontext() if sync else ddp.no_sync()), autocast():
+                with nullcontext() if sync else ddp.no_sync(), autocast():
                     loss = forward(ddp, batch) / cfg.grad_accum
                 loss.backward()
                 total += loss.detach().item()
@@ -271,8 +167,14 @@ def train_loop(
             step += 1
             position += rows_per_step
             elapsed = elapsed_before + time.time() - start
-            loss_value = _mean_across_ranks(total, d)
-            last = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "elapsed": elapsed}
+            loss_value = mean_across_ranks(total, d)
+            last = {
+                "step": step,
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "elapsed": elapsed,
+            }
             if d.main and (step % cfg.log_every == 0 or step == 1):
                 log_metrics(out, last)
             bar.update(1)
@@ -285,14 +187,16 @@ def train_loop(
                     log_metrics(out, {"step": step, **{f"val_{k}": v for k, v in val.items()}})
                     bar.write(f"step {step}: val bpb {val['bpb']:.3f}")
             out_of_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
-            interrupted = _any_rank(stop["signal"], d)
+            interrupted = any_rank(stop["signal"], d)
             if step % cfg.ckpt_every == 0 or interrupted or out_of_time or step == cfg.max_steps:
                 if d.main:
                     save_checkpoint(out, step, model, optimizer, scheduler, position, elapsed, cfg.keep_checkpoints)
                 if d.world > 1:
                     dist.barrier()
             if interrupted:
-                raise Interrupted(f"interrupted at step {step}; checkpoint written to {out / 'checkpoints'}; continue with --resume")
+                raise Interrupted(
+                    f"interrupted at step {step}; checkpoint written to {out / 'checkpoints'}; continue with --resume"
+                )
             if out_of_time:
                 if d.main:
                     bar.write(f"stopping after {elapsed / 60:.1f} minutes (--max-minutes)")
@@ -305,6 +209,4 @@ def train_loop(
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()

@@ -9,7 +9,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from blt.tokenizer import OFFSET
+import numpy as np
+import torch
+
+from blt.tokenizer import EOS_ID, OFFSET
+from blt.training.data import stream_entropies
 
 
 def patch_view(model, data: bytes) -> tuple[bytes, list[bool], list[float] | None, float | None]:
@@ -17,21 +21,21 @@ def patch_view(model, data: bytes) -> tuple[bytes, list[bool], list[float] | Non
     of predicting each byte (None without an entropy model) and the threshold.
 
     BOS is left out; a `bpe` model's delimiters are not bytes, and its patches start after them."""
-    import numpy as np
-    import torch
-
-    from blt.data import stream_entropies
-    from blt.tokenizer import EOS_ID
-
     ids = model.encode(data)
     entropies = None
     if model.entropy_model is not None:  # with document context, as training saw it
-        entropies = torch.from_numpy(stream_entropies(model.entropy_model, np.asarray(ids.tolist() + [EOS_ID], dtype=np.int16))[:-1])
-    starts = model.patcher(ids[None], entropies[None] if entropies is not None and model.patcher.uses_entropy else None)[0]
+        entropies = torch.from_numpy(
+            stream_entropies(model.entropy_model, np.asarray(ids.tolist() + [EOS_ID], dtype=np.int16))[:-1]
+        )
+    starts = model.patcher(
+        ids[None], entropies[None] if entropies is not None and model.patcher.uses_entropy else None
+    )[0]
     positions = [q for q in range(1, len(ids)) if ids[q] >= OFFSET]
     text = bytes(int(ids[q]) - OFFSET for q in positions)
     byte_starts = [bool(starts[q]) for q in positions]
-    byte_entropy = [float(entropies[q - 1]) for q in positions] if entropies is not None else None  # H[q-1] predicts byte q
+    byte_entropy = (
+        [float(entropies[q - 1]) for q in positions] if entropies is not None else None
+    )  # H[q-1] predicts byte q
     return text, byte_starts, byte_entropy, getattr(model.patcher, "threshold", None)
 
 
@@ -83,8 +87,13 @@ def _entropy_colour(h: float, top: float) -> str:
     return f"hsl({int(220 - 220 * x)}, 85%, {int(92 - 35 * x)}%)"  # calm blue -> hot red
 
 
-def patch_html(data: bytes, starts: Sequence[bool], entropies: Sequence[float] | None = None, threshold: float | None = None,
-               title: str = "BLT patches") -> str:
+def patch_html(
+    data: bytes,
+    starts: Sequence[bool],
+    entropies: Sequence[float] | None = None,
+    threshold: float | None = None,
+    title: str = "BLT patches",
+) -> str:
     """A standalone HTML page: each patch boxed, each byte coloured by the entropy of predicting it."""
     top = max(entropies) if entropies else 0.0
     boxes = []
@@ -95,10 +104,15 @@ def patch_html(data: bytes, starts: Sequence[bool], entropies: Sequence[float] |
             if entropies is not None:
                 h = max(entropies[s:e])
                 tip = f"bytes {s}-{e - 1}: {data[s:e].hex(' ')}; entropy {h:.3f} nats"
-                cells.append(f'<span class="b" style="background:{_entropy_colour(h, top)}" title="{html.escape(tip)}">{shown}</span>')
+                cells.append(
+                    f'<span class="b" style="background:{_entropy_colour(h, top)}" '
+                    f'title="{html.escape(tip)}">{shown}</span>'
+                )
             else:
                 cells.append(f'<span class="b" title="{html.escape(data[s:e].hex(" "))}">{shown}</span>')
-        boxes.append(f'<span class="p" title="patch {n}, {sum(e - s for s, e, _ in group)} bytes">{"".join(cells)}</span>')
+        boxes.append(
+            f'<span class="p" title="patch {n}, {sum(e - s for s, e, _ in group)} bytes">{"".join(cells)}</span>'
+        )
     legend = f"threshold {threshold:.3f} nats; " if threshold is not None else ""
     n_patches = sum(1 for _ in patch_groups(data, starts))
     return f"""<!doctype html>
@@ -117,8 +131,14 @@ Each box is a patch; colour is the entropy of predicting that byte (blue low, re
 """
 
 
-def patch_png(path: str | Path, data: bytes, starts: Sequence[bool], entropies: Sequence[float], threshold: float | None = None,
-              title: str = "Entropy of the next byte") -> None:
+def patch_png(
+    path: str | Path,
+    data: bytes,
+    starts: Sequence[bool],
+    entropies: Sequence[float],
+    threshold: float | None = None,
+    title: str = "Entropy of the next byte",
+) -> None:
     """The paper's figure: entropy per byte, the threshold, and a line at every patch start."""
     import matplotlib
 
@@ -168,7 +188,13 @@ def loss_curves_png(path: str | Path, runs: dict[str, str | Path]) -> None:
         val = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
         line = ax.plot(*zip(*train), linewidth=1, label=f"{name} train")[0] if train else None
         if val:
-            ax.plot(*zip(*val), marker="o", linestyle="--", color=line.get_color() if line else None, label=f"{name} validation")
+            ax.plot(
+                *zip(*val),
+                marker="o",
+                linestyle="--",
+                color=line.get_color() if line else None,
+                label=f"{name} validation",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("bits per byte")
     ax.set_ylim(bottom=0)
@@ -177,7 +203,3 @@ def loss_curves_png(path: str | Path, runs: dict[str, str | Path]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def byte_values(ids: Sequence[int]) -> bytes:
-    return bytes(i - OFFSET for i in ids if i >= OFFSET)

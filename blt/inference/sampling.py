@@ -1,8 +1,5 @@
-"""Byte-by-byte generation.
-
-`generate_recompute` is the reference: it runs the whole model over the whole prefix for every new
-byte, as the release does. The cached path (`blt.inference`) must produce exactly what it produces.
-"""
+"""What every generation path shares: argument checks, the ids it may produce, sampling with one
+generator per row, and stop strings."""
 
 from __future__ import annotations
 
@@ -44,8 +41,14 @@ def row_generators(seed: int | None, rows: int) -> list[torch.Generator | None]:
     return [torch.Generator().manual_seed(seed) if seed is not None else None for _ in range(rows)]
 
 
-def sample_next(logits: torch.Tensor, allowed: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    allowed: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
     """One id per row of `logits` [B, V]: greedy at temperature 0, else top-k / top-p sampling with
     each row's own generator."""
     logits = logits.float().masked_fill(~allowed, float("-inf"))
@@ -89,36 +92,3 @@ class StopChecker:
                     held = n
                     break
         return len(new) - held
-
-
-@torch.no_grad()
-def generate_recompute(model, prompts: Sequence[str | bytes], max_new_bytes: int, temperature: float = 0.0, top_k: int | None = None,
-                       top_p: float | None = None, seed: int | None = None, stop: Sequence[str | bytes] | None = None,
-                       stop_at_eos: bool = True, return_logits: bool = False):
-    """Generate by running the full model over the full prefix for every byte (the exact reference)."""
-    prompts = check_generation_args(prompts, max_new_bytes, temperature, top_k, top_p)
-    device = next(p for n, p in model.named_parameters() if not n.startswith("patcher.")).device
-    bpe = getattr(model.patcher, "mode", None) == "bpe"
-    allowed = allowed_ids(stop_at_eos, bpe, device)
-    stopper = StopChecker(stop)
-    outputs, all_logits = [], []
-    for prompt in prompts:
-        generators = row_generators(seed, 1)
-        ids = model.encode(prompt).tolist()
-        new, steps = bytearray(), []
-        while len(new) < max_new_bytes:
-            logits = model(torch.tensor([ids], device=device))[0, -1]
-            steps.append(logits.float().cpu())
-            nxt = int(sample_next(logits[None], allowed, temperature, top_k, top_p, generators)[0])
-            if nxt == EOS_ID:
-                break
-            ids.append(nxt)
-            if nxt >= OFFSET:
-                new.append(nxt - OFFSET)
-                keep = stopper.cut(bytes(new))
-                if keep is not None:
-                    del new[keep:]
-                    break
-        outputs.append(bytes(new))
-        all_logits.append(torch.stack(steps) if steps else torch.zeros(0, VOCAB_SIZE))
-    return (outputs, all_logits) if return_logits else outputs

@@ -13,16 +13,25 @@ import numpy as np
 import torch
 
 from blt.bpe import encode_with_delimiters, load_bpe, train_bpe
-from blt.checkpoint import load_pretrained
 from blt.config import BLTConfig, EntropyModelConfig, PatchingConfig, save_json
-from blt.data import PackedSequences, build_stream, cached_entropies, count_bytes, read_documents, split_documents
-from blt.entropy_model import EntropyModel
 from blt.errors import BltError
-from blt.evaluate import evaluate_stream, patch_starts_for, unigram_bpb
-from blt.model import BLT, init_weights
-from blt.patching import build_patcher, threshold_for_mean_patch
+from blt.flops import entropy_model_flops, flops_per_byte
+from blt.model.blt import init_weights
+from blt.model.patching import build_patcher, threshold_for_mean_patch
 from blt.presets import blt_preset, entropy_preset
-from blt.train import TrainConfig, latest_checkpoint, lm_loss, log_metrics, setup_distributed, train_loop
+from blt.training.checkpoints import latest_checkpoint
+from blt.training.data import (
+    PackedSequences,
+    build_stream,
+    cached_entropies,
+    count_bytes,
+    read_documents,
+    split_documents,
+)
+from blt.training.distributed import setup_distributed
+from blt.training.evaluate import evaluate_stream, patch_starts_for, unigram_bpb
+from blt.training.loop import TrainConfig, lm_loss, log_metrics, train_loop
+from blt.weights import BLT, EntropyModel, load_entropy_model, load_pretrained
 
 DEFAULT_CACHE = Path.home() / ".cache" / "blt"
 
@@ -49,7 +58,13 @@ def _run_settings(out: Path, resume: bool, preset, config_cls, overrides: dict):
 
 
 def _train_config(hyper, overrides: dict) -> TrainConfig:
-    base = TrainConfig(seq_len=hyper.seq_len, batch_size=hyper.batch_size, lr=hyper.lr, warmup_steps=hyper.warmup_steps, max_steps=hyper.max_steps)
+    base = TrainConfig(
+        seq_len=hyper.seq_len,
+        batch_size=hyper.batch_size,
+        lr=hyper.lr,
+        warmup_steps=hyper.warmup_steps,
+        max_steps=hyper.max_steps,
+    )
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -76,8 +91,17 @@ def blt_forward(patcher):
 
 
 # ---- entropy model ---------------------------------------------------------------------------
-def train_entropy(data: list[str], out: str | Path, preset: str = "demo", resume: bool = False, val_fraction: float = 0.1,
-                  split: str = "auto", device: str | None = None, progress: bool = True, **overrides) -> dict:
+def train_entropy(
+    data: list[str],
+    out: str | Path,
+    preset: str = "demo",
+    resume: bool = False,
+    val_fraction: float = 0.1,
+    split: str = "auto",
+    device: str | None = None,
+    progress: bool = True,
+    **overrides,
+) -> dict:
     out = Path(out)
     d = setup_distributed(device)
     saved, config, cfg = _run_settings(out, resume, lambda: entropy_preset(preset), EntropyModelConfig, overrides)
@@ -89,14 +113,27 @@ def train_entropy(data: list[str], out: str | Path, preset: str = "demo", resume
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         if not saved:
-            save_json({"kind": "entropy_model", "model": config.to_dict(), "train": asdict(cfg), "data": list(map(str, data)),
-                       "val_fraction": val_fraction, "split": split}, out / "run.json")
+            save_json(
+                {
+                    "kind": "entropy_model",
+                    "model": config.to_dict(),
+                    "train": asdict(cfg),
+                    "data": list(map(str, data)),
+                    "val_fraction": val_fraction,
+                    "split": split,
+                },
+                out / "run.json",
+            )
     torch.manual_seed(cfg.seed)
     model = EntropyModel(config)
     init_weights(model)
 
     def validate(m):
-        return evaluate_stream(m, val_stream, cfg.seq_len, entropies=None, max_windows=cfg.eval_windows) if len(val_stream) > 1 else {"bpb": float("nan")}
+        return (
+            evaluate_stream(m, val_stream, cfg.seq_len, entropies=None, max_windows=cfg.eval_windows)
+            if len(val_stream) > 1
+            else {"bpb": float("nan")}
+        )
 
     train_loop(model, seqs, cfg, out, lm_forward, validate, resume, d, progress)
     result = {}
@@ -112,24 +149,33 @@ def train_entropy(data: list[str], out: str | Path, preset: str = "demo", resume
 
 
 # ---- BLT ------------------------------------------------------------------------------------------
-def _load_entropy_model(path) -> EntropyModel:
-    model = load_pretrained(path)
-    if isinstance(model, BLT):
-        if model.entropy_model is None:
-            raise BltError(f"{path} is a BLT without an entropy model; pass an entropy model directory")
-        return model.entropy_model
-    return model
-
-
-def train_blt(data: list[str], out: str | Path, entropy_model: str | Path | None = None, patching: str = "entropy",
-              target_patch_bytes: float = 4.5, threshold: float | None = None, preset: str = "demo", resume: bool = False,
-              val_fraction: float = 0.1, split: str = "auto", bpe_vocab: int = 1024, cache_dir: str | Path | None = None,
-              device: str | None = None, progress: bool = True, **overrides) -> dict:
+def train_blt(
+    data: list[str],
+    out: str | Path,
+    entropy_model: str | Path | None = None,
+    patching: str = "entropy",
+    target_patch_bytes: float = 4.5,
+    threshold: float | None = None,
+    preset: str = "demo",
+    resume: bool = False,
+    val_fraction: float = 0.1,
+    split: str = "auto",
+    bpe_vocab: int = 1024,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    **overrides,
+) -> dict:
     out = Path(out)
     d = setup_distributed(device)
     saved, config, cfg = _run_settings(out, resume, lambda: blt_preset(preset), BLTConfig, overrides)
     if saved:
-        data, val_fraction, split, entropy_model = saved["data"], saved["val_fraction"], saved["split"], saved["entropy_model"]
+        data, val_fraction, split, entropy_model = (
+            saved["data"],
+            saved["val_fraction"],
+            saved["split"],
+            saved["entropy_model"],
+        )
         patching = config.patching.mode
     if patching == "entropy" and entropy_model is None:
         raise BltError("entropy patching needs --entropy-model (train one with `blt train-entropy`)")
@@ -139,13 +185,15 @@ def train_blt(data: list[str], out: str | Path, entropy_model: str | Path | None
     train_docs, val_docs = split_documents(read_documents(data), val_fraction, split)
     tokenizer = None
     if patching == "bpe":
-        tokenizer = load_bpe(out / "bpe_tokenizer.json") if saved else train_bpe((doc.data for doc in train_docs), bpe_vocab)
+        tokenizer = (
+            load_bpe(out / "bpe_tokenizer.json") if saved else train_bpe((doc.data for doc in train_docs), bpe_vocab)
+        )
         encode_doc = lambda data: encode_with_delimiters(tokenizer, data)  # noqa: E731
     else:
         encode_doc = None
     train_stream, val_stream = build_stream(train_docs, encode_doc), build_stream(val_docs, encode_doc)
 
-    em = _load_entropy_model(entropy_model) if patching == "entropy" else None
+    em = load_entropy_model(entropy_model) if patching == "entropy" else None
     train_ent = val_ent = None
     if em is not None:
         em.to(d.device)
@@ -153,25 +201,48 @@ def train_blt(data: list[str], out: str | Path, entropy_model: str | Path | None
         val_ent = cached_entropies(em, val_stream, cache_dir, progress=progress and d.main) if len(val_stream) else None
     if not saved:
         if patching == "entropy" and threshold is None:
-            rows = [torch.from_numpy(np.array(train_ent[s : s + cfg.seq_len])) for s in range(0, min(len(train_ent), 512 * cfg.seq_len), cfg.seq_len)]
+            rows = [
+                torch.from_numpy(np.array(train_ent[s : s + cfg.seq_len]))
+                for s in range(0, min(len(train_ent), 512 * cfg.seq_len), cfg.seq_len)
+            ]
             threshold = threshold_for_mean_patch(rows, target_patch_bytes)
-        config = replace(config, patching=PatchingConfig(mode=patching, patch_size=round(target_patch_bytes) if patching == "static" else target_patch_bytes,
-                                                         threshold=threshold if patching == "entropy" else None))
+        config = replace(
+            config,
+            patching=PatchingConfig(
+                mode=patching,
+                patch_size=round(target_patch_bytes) if patching == "static" else target_patch_bytes,
+                threshold=threshold if patching == "entropy" else None,
+            ),
+        )
     patcher = build_patcher(config.patching, em, tokenizer)
     torch.manual_seed(cfg.seed)
     model = BLT(config, patcher=patcher)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         if not saved:
-            save_json({"kind": "blt", "model": config.to_dict(), "train": asdict(cfg), "data": list(map(str, data)), "val_fraction": val_fraction,
-                       "split": split, "entropy_model": str(entropy_model) if entropy_model else None}, out / "run.json")
+            save_json(
+                {
+                    "kind": "blt",
+                    "model": config.to_dict(),
+                    "train": asdict(cfg),
+                    "data": list(map(str, data)),
+                    "val_fraction": val_fraction,
+                    "split": split,
+                    "entropy_model": str(entropy_model) if entropy_model else None,
+                },
+                out / "run.json",
+            )
             if tokenizer is not None:
                 tokenizer.save(str(out / "bpe_tokenizer.json"))
 
     seqs = PackedSequences(train_stream, cfg.seq_len, train_ent)
 
     def validate(m):
-        return evaluate_stream(m, val_stream, cfg.seq_len, entropies=val_ent, max_windows=cfg.eval_windows) if len(val_stream) > 1 else {"bpb": float("nan")}
+        return (
+            evaluate_stream(m, val_stream, cfg.seq_len, entropies=val_ent, max_windows=cfg.eval_windows)
+            if len(val_stream) > 1
+            else {"bpb": float("nan")}
+        )
 
     train_loop(model, seqs, cfg, out, blt_forward(patcher), validate, resume, d, progress)
     result = {}
@@ -189,11 +260,18 @@ def train_blt(data: list[str], out: str | Path, entropy_model: str | Path | None
 
 
 # ---- evaluation -------------------------------------------------------------------------------
-def evaluate_model(model_dir: str | Path, data: list[str], split: str = "all", val_fraction: float = 0.1, seq_len: int | None = None,
-                   batch_size: int = 8, device: str | None = None, cache_dir: str | Path | None = None, progress: bool = True) -> dict:
+def evaluate_model(
+    model_dir: str | Path,
+    data: list[str],
+    split: str = "all",
+    val_fraction: float = 0.1,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
     """bpb, mean patch size and FLOPs per byte of a saved model on `data` (or on its train/val split)."""
-    from blt.flops import flops_per_byte
-
     model = load_pretrained(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -211,13 +289,18 @@ def evaluate_model(model_dir: str | Path, data: list[str], split: str = "all", v
         seq_len = json.loads(run.read_text())["train"]["seq_len"] if run.is_file() else 1024
     ent = None
     if is_blt and model.entropy_model is not None:
-        ent = cached_entropies(model.entropy_model, stream, Path(cache_dir) if cache_dir else DEFAULT_CACHE, progress=progress)
+        ent = cached_entropies(
+            model.entropy_model, stream, Path(cache_dir) if cache_dir else DEFAULT_CACHE, progress=progress
+        )
     result = evaluate_stream(model, stream, seq_len, batch_size=batch_size, entropies=ent)
     if is_blt:
-        report = flops_per_byte(model.config, seq_len, result.get("mean_patch_bytes", 1.0), model.entropy_model.config if model.entropy_model else None)
+        report = flops_per_byte(
+            model.config,
+            seq_len,
+            result.get("mean_patch_bytes", 1.0),
+            model.entropy_model.config if model.entropy_model else None,
+        )
     else:
-        from blt.flops import entropy_model_flops
-
         fwd = entropy_model_flops(model.config, seq_len)
         report = {"inference_total": fwd, "training_total": 3 * fwd}
     result["flops_per_byte"] = report["inference_total"]

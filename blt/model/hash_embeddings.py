@@ -33,7 +33,14 @@ def _powers(prime: int, n: int, device) -> torch.Tensor:
     return torch.tensor(prime, dtype=torch.int64, device=device) ** torch.arange(n, device=device)
 
 
-def ngram_hash(ids: torch.Tensor, n: int, prime: int, modulo: int, prefix: torch.Tensor | None = None, powers: torch.Tensor | None = None) -> torch.Tensor:
+def ngram_hash(
+    ids: torch.Tensor,
+    n: int,
+    prime: int,
+    modulo: int,
+    prefix: torch.Tensor | None = None,
+    powers: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Hash of the n-gram ending at every position of `ids` [B, T] -> [B, T] in [0, modulo).
 
     `prefix` [B, >= n-1] holds the ids that precede `ids` (incremental decoding); by default the
@@ -43,7 +50,7 @@ def ngram_hash(ids: torch.Tensor, n: int, prime: int, modulo: int, prefix: torch
     if prefix is None:
         prefix = ids.new_zeros(batch, n - 1)
     else:
-        prefix = prefix[:, prefix.shape[1] - (n - 1):] if n > 1 else prefix[:, :0]
+        prefix = prefix[:, prefix.shape[1] - (n - 1) :] if n > 1 else prefix[:, :0]
     padded = torch.cat([prefix.long(), ids.long()], dim=1)
     windows = padded.unfold(1, n, 1)  # [B, T, n], oldest first
     if powers is None:
@@ -54,7 +61,9 @@ def ngram_hash(ids: torch.Tensor, n: int, prime: int, modulo: int, prefix: torch
 class HashNgramEmbedding(nn.Module):
     """Sum of hash n-gram embeddings, one table per (hash function, n)."""
 
-    def __init__(self, dim: int, ngram_sizes: tuple[int, ...] = (3, 4, 5, 6, 7, 8), table_size: int = 30000, n_functions: int = 1):
+    def __init__(
+        self, dim: int, ngram_sizes: tuple[int, ...] = (3, 4, 5, 6, 7, 8), table_size: int = 30000, n_functions: int = 1
+    ):
         super().__init__()
         if n_functions > len(HASH_PRIMES):
             raise ValueError(f"at most {len(HASH_PRIMES)} hash functions are defined, got {n_functions}")

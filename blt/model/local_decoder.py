@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from blt.config import BLTConfig
-from blt.transformer import CrossAttention, RotaryEmbedding, TransformerBlock
+from blt.model.transformer import CrossAttention, RotaryEmbedding, TransformerBlock
 
 
 class LocalDecoder(nn.Module):
@@ -25,7 +25,8 @@ class LocalDecoder(nn.Module):
         self.patch_projection = nn.Linear(c.dim_global, self.k * dim, bias=False)
         self.rope = RotaryEmbedding(dim // c.n_heads_local_decoder, c.rope_theta)
         self.layers = nn.ModuleList(
-            TransformerBlock(dim, c.n_heads_local_decoder, c.n_kv_heads, c.ffn_dims[2], c.norm_eps) for _ in range(c.n_layers_local_decoder)
+            TransformerBlock(dim, c.n_heads_local_decoder, c.n_kv_heads, c.ffn_dims[2], c.norm_eps)
+            for _ in range(c.n_layers_local_decoder)
         )
         n_cross = c.n_layers_local_decoder if self.cross_all_layers else 1
         self.cross_attn = nn.ModuleList(CrossAttention(dim, c.cross_heads_decoder, c.norm_eps) for _ in range(n_cross))
@@ -44,11 +45,27 @@ class LocalDecoder(nn.Module):
         slots = self.patch_keys(global_out)
         return [cross.patch_kv(slots, self.k) for cross in self.cross_attn]
 
-    def forward(self, h: torch.Tensor, global_out: torch.Tensor, dec_patch_ids: torch.Tensor, self_mask, cache=None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, global_out: torch.Tensor, dec_patch_ids: torch.Tensor, self_mask, cache=None
+    ) -> torch.Tensor:
         """h: encoder byte states [B, T, D]; dec_patch_ids [B, T]: the patch byte t reads -> logits [B, T, V]."""
-        return self._run(h, self.patch_kv(global_out), dec_patch_ids, self.rope(torch.arange(h.shape[1], device=h.device)), self_mask, cache)
+        return self._run(
+            h,
+            self.patch_kv(global_out),
+            dec_patch_ids,
+            self.rope(torch.arange(h.shape[1], device=h.device)),
+            self_mask,
+            cache,
+        )
 
-    def step(self, h: torch.Tensor, patch_kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor, window: int | None, cache) -> torch.Tensor:
+    def step(
+        self,
+        h: torch.Tensor,
+        patch_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        positions: torch.Tensor,
+        window: int | None,
+        cache,
+    ) -> torch.Tensor:
         """Logits [B, V] for one more byte per row: h [B, 1, D] its encoder state, `patch_kv` the keys/values
         [B, 1, k, H, hd] of the one patch it reads."""
         mask = cache.step(positions, window=window)

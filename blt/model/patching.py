@@ -29,9 +29,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from blt.bpe import encode_with_delimiters
 from blt.config import PatchingConfig
-from blt.entropy_model import EntropyModel
 from blt.errors import BltError
+from blt.model.entropy_model import EntropyModel
 from blt.tokenizer import BPE_ID, OFFSET, encode
 
 
@@ -55,7 +56,9 @@ def starts_to_lengths(starts: torch.Tensor, length: int | None = None) -> torch.
     starts = starts[:, :length] if length is not None else starts
     patch = starts.long().cumsum(1) - 1
     num = int(patch[:, -1].max()) + 1 if starts.shape[1] else 0
-    return torch.zeros(starts.shape[0], num, dtype=torch.long, device=starts.device).scatter_add_(1, patch, torch.ones_like(patch))
+    return torch.zeros(starts.shape[0], num, dtype=torch.long, device=starts.device).scatter_add_(
+        1, patch, torch.ones_like(patch)
+    )
 
 
 def lengths_to_starts(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -79,7 +82,10 @@ def lengths_to_starts(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
     bad = ((totals != seq_len) & (totals != seq_len + 1)).nonzero()
     if len(bad):
         row = int(bad[0])
-        raise BltError(f"patch_lengths row {row} sums to {int(totals[row])}; expected {seq_len} (the sequence length) or {seq_len + 1}")
+        raise BltError(
+            f"patch_lengths row {row} sums to {int(totals[row])}; expected {seq_len} (the sequence length) or "
+            f"{seq_len + 1}"
+        )
     if seq_len > 0 and (lengths[:, 0] != 1).any():
         raise BltError("the first patch must hold the first byte (BOS) alone: patch_lengths[:, 0] must be 1")
     begin = (lengths.cumsum(1) - lengths).clamp(max=seq_len + 1)  # right padding lands past the end
@@ -106,20 +112,24 @@ def _spacelike(ids: torch.Tensor) -> torch.Tensor:
     )
 
 
-class Patcher(nn.Module):
-    """Base class: `forward(ids [B, T]) -> starts [B, T+1]`.
+class Patcher:
+    """Base class: `patcher(ids [B, T]) -> starts [B, T+1]`.
 
     A patcher is its `rule`: does position q (>= 2) start a patch, given the ids and entropies at
-    q-2 and q-1? The same rule serves a whole sequence (`forward`) and one next position during
-    generation, so the two cannot disagree.
+    q-2 and q-1? The same rule serves a whole sequence (`__call__`) and one next position during
+    generation, so the two cannot disagree. It is not an `nn.Module`: a model that holds one moves the
+    modules it names in `modules()` (the frozen entropy model) along with itself.
     """
 
     mode = "?"
     uses_entropy = False
 
     def __init__(self, max_patch_length: int | None = None):
-        super().__init__()
         self.max_patch_length = max_patch_length
+
+    def modules(self) -> list[nn.Module]:
+        """The modules this patcher computes with (the entropy model, for entropy patching)."""
+        return []
 
     def rule(self, prev_id, cur_id, prev_h, cur_h, q) -> torch.Tensor:
         raise NotImplementedError
@@ -134,10 +144,14 @@ class Patcher(nn.Module):
         q = torch.arange(length + 1, device=(ids if ids is not None else entropies).device)
         prev_id, cur_id = _previous_and_current(ids, -1) if ids is not None else (None, None)
         prev_h, cur_h = _previous_and_current(entropies, float("nan")) if entropies is not None else (None, None)
-        starts = torch.as_tensor(self.rule(prev_id, cur_id, prev_h, cur_h, q), device=q.device).expand(batch, length + 1).clone()
+        starts = (
+            torch.as_tensor(self.rule(prev_id, cur_id, prev_h, cur_h, q), device=q.device)
+            .expand(batch, length + 1)
+            .clone()
+        )
         return _first_two(starts)
 
-    def forward(self, ids: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
         return limit_patch_length(self.boundaries(ids, entropies), self.max_patch_length)
 
     def patch_lengths(self, ids: torch.Tensor, include_next: bool = False) -> torch.Tensor:
@@ -184,8 +198,6 @@ class BpePatcher(Patcher):
         self.tokenizer = tokenizer
 
     def encode(self, text, bos=True):
-        from blt.bpe import encode_with_delimiters
-
         if self.tokenizer is None:
             raise BltError("this bpe patcher has no tokenizer to insert delimiters with")
         return torch.tensor(encode_with_delimiters(self.tokenizer, text, bos=bos), dtype=torch.long)
@@ -203,7 +215,9 @@ def entropy_rule(prev_h, cur_h, q, threshold: float, threshold_add: float | None
     return cur_h > threshold
 
 
-def entropy_starts(entropies: torch.Tensor, threshold: float, threshold_add: float | None = None, monotonicity: bool = False) -> torch.Tensor:
+def entropy_starts(
+    entropies: torch.Tensor, threshold: float, threshold_add: float | None = None, monotonicity: bool = False
+) -> torch.Tensor:
     """The `starts` mask [B, T+1] from entropies [B, T] (see the module docstring for the rules)."""
     q = torch.arange(entropies.shape[1] + 1, device=entropies.device)
     prev_h, cur_h = _previous_and_current(entropies, float("nan"))
@@ -216,7 +230,14 @@ class EntropyPatcher(Patcher):
     mode = "entropy"
     uses_entropy = True
 
-    def __init__(self, entropy_model: EntropyModel, threshold: float, threshold_add: float | None = None, monotonicity: bool = False, max_patch_length: int | None = None):
+    def __init__(
+        self,
+        entropy_model: EntropyModel,
+        threshold: float,
+        threshold_add: float | None = None,
+        monotonicity: bool = False,
+        max_patch_length: int | None = None,
+    ):
         super().__init__(max_patch_length)
         self.entropy_model = entropy_model.eval().requires_grad_(False)
         self.threshold, self.threshold_add, self.monotonicity = threshold, threshold_add, monotonicity
@@ -233,14 +254,13 @@ class EntropyPatcher(Patcher):
     def boundaries(self, ids, entropies=None):
         return super().boundaries(ids, self.entropies(ids) if entropies is None else entropies)
 
-    def train(self, mode: bool = True):
-        # the entropy model is frozen: keep it in eval mode whatever the owner does
-        super().train(mode)
-        self.entropy_model.eval()
-        return self
+    def modules(self) -> list[nn.Module]:
+        return [self.entropy_model]
 
 
-def build_patcher(config: PatchingConfig, entropy_model: EntropyModel | None = None, bpe_tokenizer=None) -> Patcher | None:
+def build_patcher(
+    config: PatchingConfig, entropy_model: EntropyModel | None = None, bpe_tokenizer=None
+) -> Patcher | None:
     """The patcher a config describes; None for `entropy` without an entropy model."""
     m = config.max_patch_length
     if config.mode == "byte":
@@ -254,7 +274,9 @@ def build_patcher(config: PatchingConfig, entropy_model: EntropyModel | None = N
     if entropy_model is None:
         return None
     if config.threshold is None:
-        raise BltError("entropy patching needs a threshold (the release's top-k mode is not incremental and is not supported)")
+        raise BltError(
+            "entropy patching needs a threshold (the release's top-k mode is not incremental and is not supported)"
+        )
     return EntropyPatcher(entropy_model, config.threshold, config.threshold_add, config.monotonicity, m)
 
 
@@ -293,7 +315,14 @@ def threshold_for_mean_patch(
     total = sum(len(e) for e in entropies)
 
     def mean_patch(theta: float) -> float:
-        n = sum(int(limit_patch_length(entropy_starts(e[None], theta, threshold_add, monotonicity), max_patch_length)[0, : len(e)].sum()) for e in entropies)
+        n = sum(
+            int(
+                limit_patch_length(entropy_starts(e[None], theta, threshold_add, monotonicity), max_patch_length)[
+                    0, : len(e)
+                ].sum()
+            )
+            for e in entropies
+        )
         return total / n
 
     top = max(float(e.max()) for e in entropies) + 1.0

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from blt.config import EntropyModelConfig
-from blt.masks import sequence_self_mask
-from blt.transformer import RotaryEmbedding, TransformerBlock
+from blt.model.masks import sequence_self_mask
+from blt.model.transformer import RotaryEmbedding, TransformerBlock, run_layers
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,9 @@ class EntropyModel(nn.Module):
         c = config
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
         self.rope = RotaryEmbedding(c.dim // c.n_heads, c.rope_theta)
-        self.layers = nn.ModuleList(TransformerBlock(c.dim, c.n_heads, c.n_kv_heads, c.hidden_dim, c.norm_eps) for _ in range(c.n_layers))
+        self.layers = nn.ModuleList(
+            TransformerBlock(c.dim, c.n_heads, c.n_kv_heads, c.hidden_dim, c.norm_eps) for _ in range(c.n_layers)
+        )
         self.norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
         self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
 
@@ -36,8 +38,7 @@ class EntropyModel(nn.Module):
         h = self.tok_embeddings(ids)
         mask = sequence_self_mask(ids, self.config.sliding_window, self.config.document_mask)
         rope = self.rope(torch.arange(ids.shape[1], device=ids.device))
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask=mask, is_causal=mask is None, cache=cache.layer(i) if cache is not None else None)
+        h, _ = run_layers(self.layers, h, rope, mask, cache)
         return self.output(self.norm(h))
 
     def step(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -45,16 +46,10 @@ class EntropyModel(nn.Module):
         mask = cache.step(positions, window=self.config.sliding_window)
         h = self.tok_embeddings(ids[:, None])
         rope = self.rope(positions[:, None])
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask=mask, cache=cache.layer(i))
+        h, _ = run_layers(self.layers, h, rope, mask, cache)
         return self.output(self.norm(h))[:, 0]
 
     @torch.no_grad()
     def entropies(self, ids: torch.Tensor) -> torch.Tensor:
         """H at every position [B, T]: the entropy of the prediction made there (for the next byte)."""
         return entropy(self(ids))
-
-    def save_pretrained(self, path) -> None:
-        from blt.checkpoint import save_entropy_model
-
-        save_entropy_model(self, path)

@@ -14,7 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-
+from blt.experiments.visualize import loss_curves_png, patch_html, patch_png, patch_view
+from blt.training.data import build_stream, read_documents, split_documents
+from blt.training.evaluate import unigram_bpb
+from blt.training.recipes import train_blt, train_entropy
+from blt.weights import load_blt
 
 SAMPLE_PROMPT = "The if statement is used for"
 SECTION_BYTES = 3000
@@ -38,8 +42,8 @@ def stdlib_corpus() -> list[tuple[str, str]]:
         if section:
             docs.append((f"{name}-{n}", "\n\n".join(section)))
     if not docs:
-        import pkgutil
         import importlib
+        import pkgutil
 
         for mod in sorted(m.name for m in pkgutil.iter_modules() if not m.name.startswith("_"))[:400]:
             try:
@@ -58,13 +62,9 @@ def write_corpus(directory: Path) -> Path:
     return directory
 
 
-def run_demo(out: str | Path = "runs/demo", entropy_steps: int = 300, blt_steps: int = 220, quiet: bool = False) -> dict:
-    from blt.checkpoint import load_pretrained
-    from blt.data import build_stream, read_documents, split_documents
-    from blt.evaluate import unigram_bpb
-    from blt.recipes import train_blt, train_entropy
-    from blt.visualize import loss_curves_png, patch_html, patch_png, patch_view
-
+def run_demo(
+    out: str | Path = "runs/demo", entropy_steps: int = 300, blt_steps: int = 220, quiet: bool = False
+) -> dict:
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     start = time.time()
     out = Path(out)
@@ -74,39 +74,70 @@ def run_demo(out: str | Path = "runs/demo", entropy_steps: int = 300, blt_steps:
     corpus = write_corpus(out / "corpus")
     docs = read_documents([corpus])
     train_docs, val_docs = split_documents(docs)
-    say(f"corpus: the standard library's help topics, {sum(len(d.data) for d in docs) / 1e3:.0f} KB in {len(docs)} sections "
-        f"({len(val_docs)} held out for validation)")
+    say(
+        f"corpus: the standard library's help topics, {sum(len(d.data) for d in docs) / 1e3:.0f} KB in "
+        f"{len(docs)} sections "
+        f"({len(val_docs)} held out for validation)"
+    )
 
     say("\n[1/3] training the entropy model (a small byte LM)")
-    ent = train_entropy([str(corpus)], out / "entropy", preset="demo", max_steps=entropy_steps, device="cpu", progress=not quiet)
+    ent = train_entropy(
+        [str(corpus)], out / "entropy", preset="demo", max_steps=entropy_steps, device="cpu", progress=not quiet
+    )
     say(f"      validation bpb {ent['bpb']:.3f}")
 
     say("\n[2/3] training BLT (entropy patching, threshold calibrated to 4.5-byte patches)")
-    res = train_blt([str(corpus)], out / "blt", entropy_model=out / "entropy", preset="demo", max_steps=blt_steps, device="cpu",
-                    cache_dir=out / "cache", progress=not quiet)
+    res = train_blt(
+        [str(corpus)],
+        out / "blt",
+        entropy_model=out / "entropy",
+        preset="demo",
+        max_steps=blt_steps,
+        device="cpu",
+        cache_dir=out / "cache",
+        progress=not quiet,
+    )
 
     say("\n[3/3] sampling and drawing patches")
-    model = load_pretrained(out / "blt")
+    model = load_blt(out / "blt")
     sample = model.generate([SAMPLE_PROMPT], max_new_bytes=160, temperature=0.7, top_k=20, seed=0)[0]
 
     text, byte_starts, byte_entropy, threshold = patch_view(model, val_docs[0].data[:240])
-    (out / "patches.html").write_text(patch_html(text, byte_starts, byte_entropy, threshold, "BLT entropy patches (demo)"), encoding="utf-8")
-    patch_png(out / "patches.png", text[:96], byte_starts, byte_entropy, threshold, "Entropy of each byte under the demo entropy model")
+    (out / "patches.html").write_text(
+        patch_html(text, byte_starts, byte_entropy, threshold, "BLT entropy patches (demo)"), encoding="utf-8"
+    )
+    patch_png(
+        out / "patches.png",
+        text[:96],
+        byte_starts,
+        byte_entropy,
+        threshold,
+        "Entropy of each byte under the demo entropy model",
+    )
     loss_curves_png(out / "loss.png", {"entropy model": out / "entropy", "BLT": out / "blt"})
 
     train_stream, val_stream = build_stream(train_docs), build_stream(val_docs)
     unigram = unigram_bpb(train_stream, val_stream)
     minutes = (time.time() - start) / 60
     say("\n" + "=" * 72)
-    say(f"validation bits per byte   BLT {res['bpb']:.3f}   entropy model {ent['bpb']:.3f}   unigram bytes {unigram:.3f}")
+    say(
+        f"validation bits per byte   BLT {res['bpb']:.3f}   entropy model {ent['bpb']:.3f}   unigram bytes "
+        f"{unigram:.3f}"
+    )
     say(f"mean patch size            {res['mean_patch_bytes']:.2f} bytes (threshold {threshold:.3f} nats)")
     say(f"parameters                 BLT {res['params'] / 1e6:.2f} M")
     say(f"sample  {SAMPLE_PROMPT!r} ->")
     say("        " + (SAMPLE_PROMPT + sample.decode("utf-8", errors="replace")).replace("\n", "\n        "))
     say(f"written  {out}/entropy/  {out}/blt/  {out}/patches.html  {out}/patches.png  {out}/loss.png")
     say(f"done in {minutes:.1f} minutes")
-    return {"bpb": res["bpb"], "entropy_bpb": ent["bpb"], "unigram_bpb": unigram, "mean_patch_bytes": res["mean_patch_bytes"],
-            "sample": sample, "minutes": minutes}
+    return {
+        "bpb": res["bpb"],
+        "entropy_bpb": ent["bpb"],
+        "unigram_bpb": unigram,
+        "mean_patch_bytes": res["mean_patch_bytes"],
+        "sample": sample,
+        "minutes": minutes,
+    }
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import torch
 
 from blt.bpe import token_ids
 from blt.config import EntropyModelConfig
-from blt.data import Document, build_stream
 from blt.tokenizer import BOS_ID, OFFSET
+from blt.training.data import Document, build_stream
 
 
 def token_stream(tokenizer, docs: list[Document]) -> np.ndarray:
@@ -35,6 +35,16 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
     return lengths
 
 
-def lm_config(width: int, layers: int, heads: int, ffn_dim: int, vocab_size: int, window: int | None, max_seqlen: int) -> EntropyModelConfig:
+def lm_config(
+    width: int, layers: int, heads: int, ffn_dim: int, vocab_size: int, window: int | None, max_seqlen: int
+) -> EntropyModelConfig:
     """A byte or token LM of the entropy-model architecture."""
-    return EntropyModelConfig(vocab_size=vocab_size, dim=width, n_layers=layers, n_heads=heads, ffn_dim=ffn_dim, sliding_window=window, max_seqlen=max_seqlen)
+    return EntropyModelConfig(
+        vocab_size=vocab_size,
+        dim=width,
+        n_layers=layers,
+        n_heads=heads,
+        ffn_dim=ffn_dim,
+        sliding_window=window,
+        max_seqlen=max_seqlen,
+    )

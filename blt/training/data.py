@@ -47,7 +47,11 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
             raise BltError(f"no file matches {p}")
         for m in map(Path, matches):
             if m.is_dir():
-                found = sorted(f for f in m.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(m).parts))
+                found = sorted(
+                    f
+                    for f in m.rglob("*")
+                    if f.is_file() and not any(part.startswith(".") for part in f.relative_to(m).parts)
+                )
                 if not found:
                     raise BltError(f"{m} is a directory with no documents in it")
                 files.extend(found)
@@ -104,7 +108,9 @@ def _jsonl_documents(path: Path, data: bytes) -> list[Document]:
     return docs
 
 
-def split_documents(docs: list[Document], val_fraction: float = 0.1, mode: str = "auto") -> tuple[list[Document], list[Document]]:
+def split_documents(
+    docs: list[Document], val_fraction: float = 0.1, mode: str = "auto"
+) -> tuple[list[Document], list[Document]]:
     """Deterministic train/validation split.
 
     `document`: a document goes to validation when a hash of its name and content says so (about
@@ -157,7 +163,10 @@ class PackedSequences:
 
     def __init__(self, stream: np.ndarray, seq_len: int, entropies: np.ndarray | None = None):
         if len(stream) < seq_len + 1:
-            raise BltError(f"the corpus holds {len(stream)} ids, fewer than one sequence of {seq_len} + 1; use a shorter --seq-len or more data")
+            raise BltError(
+                f"the corpus holds {len(stream)} ids, fewer than one sequence of {seq_len} + 1; use a shorter "
+                "--seq-len or more data"
+            )
         self.stream, self.seq_len, self.entropies = stream, seq_len, entropies
 
     def __len__(self) -> int:
@@ -201,7 +210,9 @@ def _doc_spans(stream: np.ndarray) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def stream_entropies(entropy_model, stream: np.ndarray, chunk: int = 2048, batch_size: int = 8, progress: bool = False) -> np.ndarray:
+def stream_entropies(
+    entropy_model, stream: np.ndarray, chunk: int = 2048, batch_size: int = 8, progress: bool = False
+) -> np.ndarray:
     """The entropy model's entropy at every position of `stream` [N] (float32), each byte seeing its
     document's preceding bytes (as far as the model's window and depth reach)."""
     cfg = entropy_model.config
@@ -238,7 +249,9 @@ def _entropy_model_digest(entropy_model) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_entropies(entropy_model, stream: np.ndarray, cache_dir: str | os.PathLike, progress: bool = False) -> np.ndarray:
+def cached_entropies(
+    entropy_model, stream: np.ndarray, cache_dir: str | os.PathLike, progress: bool = False
+) -> np.ndarray:
     """`stream_entropies`, computed once and memory-mapped from `cache_dir` afterwards."""
     key = _entropy_model_digest(entropy_model) + "-" + hashlib.sha256(stream.tobytes()).hexdigest()[:16]
     cache_dir = Path(cache_dir)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from blt.config import BLTConfig
-from blt.hash_embeddings import HashNgramEmbedding
-from blt.transformer import CrossAttention, RotaryEmbedding, TransformerBlock
+from blt.model.hash_embeddings import HashNgramEmbedding
+from blt.model.transformer import CrossAttention, RotaryEmbedding, TransformerBlock, run_layers
 
 
 def max_pool_patches(h: torch.Tensor, byte_patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -33,13 +33,19 @@ class LocalEncoder(nn.Module):
         self.cross_all_layers = c.cross_attn_all_layers_encoder
         self.tok_embeddings = nn.Embedding(c.vocab_size, dim)
         self.hash_embeddings = (
-            HashNgramEmbedding(dim, tuple(c.encoder_hash_byte_group_size), c.encoder_hash_byte_group_vocab, c.encoder_hash_byte_group_nb_functions)
+            HashNgramEmbedding(
+                dim,
+                tuple(c.encoder_hash_byte_group_size),
+                c.encoder_hash_byte_group_vocab,
+                c.encoder_hash_byte_group_nb_functions,
+            )
             if c.encoder_hash_byte_group_size and c.encoder_hash_byte_group_nb_functions > 0
             else None
         )
         self.rope = RotaryEmbedding(dim // c.n_heads_local_encoder, c.rope_theta)
         self.layers = nn.ModuleList(
-            TransformerBlock(dim, c.n_heads_local_encoder, c.n_kv_heads, c.ffn_dims[0], c.norm_eps) for _ in range(c.n_layers_local_encoder)
+            TransformerBlock(dim, c.n_heads_local_encoder, c.n_kv_heads, c.ffn_dims[0], c.norm_eps)
+            for _ in range(c.n_layers_local_encoder)
         )
         self.patch_projection = nn.Linear(dim, self.k * dim, bias=False)
         n_cross = c.n_layers_local_encoder if self.cross_all_layers else 1
@@ -68,22 +74,15 @@ class LocalEncoder(nn.Module):
         the byte states but never writes to them, so it runs after the layers.)"""
         h = self.embed(ids)
         rope = self.rope(torch.arange(ids.shape[1], device=ids.device))
-        states = []
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask=self_mask, is_causal=self_mask is None, cache=cache.layer(i) if cache is not None else None)
-            if self.has_cross_attn(i):
-                states.append(h)
+        h, states = run_layers(self.layers, h, rope, self_mask, cache, keep=self.has_cross_attn)
         return h, self.pool_patches(states, byte_patch_ids, num_patches), states
 
-    def step(self, ids: torch.Tensor, prefix: torch.Tensor, positions: torch.Tensor, window: int | None, cache) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def step(
+        self, ids: torch.Tensor, prefix: torch.Tensor, positions: torch.Tensor, window: int | None, cache
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One more byte per row (ids [B], after the `prefix` [B, >= n-1] ids) -> its state [B, 1, D]
         and its states after each cross-attention layer (for the patch it belongs to)."""
         mask = cache.step(positions, window=window)
         h = self.embed(ids[:, None], prefix)
         rope = self.rope(positions[:, None])
-        states = []
-        for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask=mask, cache=cache.layer(i))
-            if self.has_cross_attn(i):
-                states.append(h)
-        return h, states
+        return run_layers(self.layers, h, rope, mask, cache, keep=self.has_cross_attn)

@@ -1,0 +1,155 @@
+"""Generation and scoring over the cached engine (`blt.inference.decoding`), and `GenerationMixin`, which
+gives a model class `generate` / `stream` methods.
+
+The mixin depends only on what a BLT provides (`encode`, `patcher`, the three stacks); the class that
+mixes it in is defined above the model, in `blt.weights.pretrained` (see there for why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from blt.errors import BltError
+from blt.inference.decoding import IncrementalBLT
+from blt.inference.sampling import StopChecker, allowed_ids, check_generation_args, row_generators, sample_next
+from blt.model.blt import BLT
+from blt.tokenizer import EOS_ID, OFFSET
+
+
+@torch.no_grad()
+def stream(
+    model: BLT,
+    prompts: Sequence[str | bytes],
+    max_new_bytes: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str | bytes] | None = None,
+    stop_at_eos: bool = True,
+    return_logits: bool = False,
+) -> Iterator[list]:
+    """Generate step by step. Each step yields one item per prompt: the bytes it added (b"" for a
+    BPE delimiter), or (bytes, logits it sampled from) with `return_logits`; None once the row is done
+    (EOS, a stop string, or `max_new_bytes`)."""
+    raw = check_generation_args(prompts, max_new_bytes, temperature, top_k, top_p)
+    was_training = model.training
+    model.eval()
+    try:
+        engine = IncrementalBLT(model)
+        logits = engine.prefill([model.encode(p) for p in raw])
+        bpe = model.patcher.mode == "bpe"
+        allowed = allowed_ids(stop_at_eos, bpe, logits.device)
+        generators = row_generators(seed, len(raw))
+        stopper = StopChecker(stop)
+        new = [bytearray() for _ in raw]
+        shown = [0] * len(raw)  # bytes of `new` already yielded
+        done = [False] * len(raw)
+        budget = 2 * max_new_bytes + 16 if bpe else max_new_bytes  # delimiters add steps, not bytes
+        for step in range(budget):
+            ids = sample_next(logits, allowed, temperature, top_k, top_p, generators)
+            out = []
+            for b, nxt in enumerate(ids.tolist()):
+                if done[b]:
+                    out.append(None)
+                    continue
+                if nxt == EOS_ID:
+                    done[b] = True
+                elif nxt >= OFFSET:
+                    new[b].append(nxt - OFFSET)
+                    keep = stopper.cut(bytes(new[b]))
+                    if keep is not None:
+                        del new[b][keep:]
+                        done[b] = True
+                    done[b] = done[b] or len(new[b]) >= max_new_bytes
+                end = len(new[b]) if done[b] or step == budget - 1 else stopper.safe(bytes(new[b]))
+                piece, shown[b] = bytes(new[b][shown[b] : end]), max(shown[b], end)
+                out.append((piece, logits[b].float().cpu()) if return_logits else piece)
+            yield out
+            if all(done):
+                return
+            logits = engine.step(ids, active=torch.tensor([not d for d in done]))
+    finally:
+        model.train(was_training)
+
+
+def generate(model: BLT, prompts: Sequence[str | bytes], max_new_bytes: int, return_logits: bool = False, **kwargs):
+    """The new bytes of every prompt (with `return_logits`, also the logits of every step [n, V])."""
+    outputs = [bytearray() for _ in prompts]
+    steps: list[list[torch.Tensor]] = [[] for _ in prompts]
+    for items in stream(model, prompts, max_new_bytes, return_logits=True, **kwargs):
+        for b, item in enumerate(items):
+            if item is not None:
+                outputs[b] += item[0]
+                steps[b].append(item[1])
+    result = [bytes(o) for o in outputs]
+    return (result, [torch.stack(s) for s in steps]) if return_logits else result
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+@torch.no_grad()
+def score(model: BLT, data: str | bytes, max_forward: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log2 p of every id of `data` after BOS given the ids before it, and which of them are bytes.
+
+    A text that fits (`max_forward` ids, default the model's `max_encoder_seq_length`) takes one
+    forward pass; a longer one is prefilled up to that length and continued one byte at a time with
+    the caches, so memory stays bounded and the numbers are those of the whole text.
+    """
+    model.eval()
+    ids = model.encode(data)
+    device = model.local_encoder.tok_embeddings.weight.device
+    ids = ids.to(device)
+    limit = max_forward or model.config.max_encoder_seq_length
+    if len(ids) < 2:
+        raise BltError("nothing to score: the text is empty")
+    if len(ids) <= limit:
+        logits = model(ids[None])[0, :-1]
+    else:
+        engine = IncrementalBLT(model)
+        steps = [engine.prefill([ids[:limit]], every_position=True)[0]]
+        for p in tqdm(range(limit, len(ids) - 1), desc="score", unit="B", leave=False, disable=len(ids) - limit < 2000):
+            steps.append(engine.step(ids[p : p + 1]))
+        logits = torch.cat(steps)
+    targets = ids[1:]
+    logp = torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0] / torch.log(torch.tensor(2.0))
+    return logp.cpu(), (targets >= OFFSET).cpu()
+
+
+class GenerationMixin:
+    """`generate` and `stream` as methods of a BLT."""
+
+    def generate(
+        self,
+        prompts,
+        max_new_bytes: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop=None,
+        stop_at_eos: bool = True,
+    ) -> list[bytes]:
+        """The new bytes for each prompt (str or bytes), with caches at every level.
+
+        Greedy at temperature 0, else top-k / top-p sampling; a fixed `seed` reproduces a run, and each
+        prompt of a batch gets exactly what it gets alone. Only bytes are produced, and EOS when
+        `stop_at_eos` (it ends the row); `stop` strings end a row too and are left out.
+        """
+        return generate(
+            self,
+            prompts,
+            max_new_bytes,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            stop_at_eos=stop_at_eos,
+        )
+
+    def stream(self, prompts, max_new_bytes: int, **kwargs) -> Iterator[list]:
+        """`generate`, step by step: yields one item per prompt per step (see `blt.inference.stream`)."""
+        return stream(self, prompts, max_new_bytes, **kwargs)

@@ -1,0 +1,176 @@
+"""Key/value caches for incremental decoding, one per stack (all its layers share the positions).
+
+Two kinds, both keeping every row of a batch on its own clock (prompts of different lengths decode together):
+- `WindowCache`: a ring buffer over each row's last `size` positions, for a sliding-window stack (the entropy
+  model, the local encoder and decoder): memory does not grow with the text.
+- `GrowingCache`: one slot per position, growing as the rows do, for the global transformer (one entry per patch).
+
+Attention calls `cache.layer(i).update(k, v)`, and what that does is the cache's pending write:
+- after `prefill(lengths)`, k/v hold a whole right-padded sequence: each row stores its last positions and
+  attention proceeds over the sequence itself;
+- after `step(positions, rows)`, k/v hold one new position per selected row: it is written to its slot and
+  attention reads the row's slots, under the mask `step` returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillWrite:
+    """Store k/v[rows, positions] in slots[...] (flat, one entry per kept position)."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+
+
+@dataclass
+class StepWrite:
+    """Store the one new k/v of each of `rows` in its slot; attend to the first `used` slots."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    every_row: bool
+    used: int
+
+
+class KVCache:
+    """What both kinds share: per-layer key/value buffers [B, S, Hkv, hd], the position held by each slot
+    (-1: empty), and the pending write."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int, device, dtype):
+        self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
+        self.k = [
+            torch.zeros(batch, capacity, n_kv_heads, head_dim, device=device, dtype=dtype) for _ in range(n_layers)
+        ]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.pending: PrefillWrite | StepWrite | None = None
+
+    def _keep(self, lengths: torch.Tensor) -> torch.Tensor:
+        """How many of its `lengths` positions each row keeps (and room made for them)."""
+        raise NotImplementedError
+
+    def _prefill_slots(self, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _step_slots(self, positions: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Slots of one new position per row of `rows`, and how many slots attention reads."""
+        raise NotImplementedError
+
+    def prefill(self, lengths: torch.Tensor) -> None:
+        """The next `update` of every layer carries positions 0..T-1; row b keeps the last of its `lengths[b]`."""
+        device = self.pos.device
+        lengths = lengths.to(device)
+        keep = self._keep(lengths)
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=device), keep)
+        offsets = torch.arange(int(keep.sum()), device=device) - torch.repeat_interleave(keep.cumsum(0) - keep, keep)
+        positions = torch.repeat_interleave(lengths - keep, keep) + offsets
+        slots = self._prefill_slots(positions)
+        self.pos[rows, slots] = positions
+        self.pending = PrefillWrite(rows, positions, slots)
+
+    def step(
+        self, positions: torch.Tensor, rows: torch.Tensor | None = None, window: int | None = None
+    ) -> torch.Tensor:
+        """One new position per row of `rows` (sorted and unique; default: all) -> their attention mask [n, 1, 1, S]."""
+        batch = self.pos.shape[0]
+        every_row = rows is None or len(rows) == batch
+        if rows is None:
+            rows = torch.arange(batch, device=self.pos.device)
+        slots, used = self._step_slots(positions, rows)
+        self.pos[rows, slots] = positions
+        self.pending = StepWrite(rows, slots, every_row, used)
+        seen = (self.pos if every_row else self.pos[rows])[:, :used]  # [n, S]
+        mask = (seen >= 0) & (seen <= positions[:, None])
+        if window is not None:
+            mask &= seen > positions[:, None] - window
+        return mask[:, None, None, :]
+
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's new keys/values [B|n, T, Hkv, hd] -> those its attention reads."""
+        w = self.pending
+        if isinstance(w, PrefillWrite):
+            self.k[i][w.rows, w.slots] = k[w.rows, w.positions].to(self.k[i].dtype)
+            self.v[i][w.rows, w.slots] = v[w.rows, w.positions].to(self.v[i].dtype)
+            return k, v
+        self.k[i][w.rows, w.slots] = k[:, 0]
+        self.v[i][w.rows, w.slots] = v[:, 0]
+        if w.every_row:
+            return self.k[i][:, : w.used], self.v[i][:, : w.used]
+        return self.k[i][w.rows, : w.used], self.v[i][w.rows, : w.used]
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self, i)
+
+
+@dataclass
+class LayerCache:
+    """The view one attention layer gets: `update(k, v)` as the cache's layer `i`."""
+
+    cache: KVCache
+    i: int
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.update(self.i, k, v)
+
+
+class WindowCache(KVCache):
+    """A ring buffer over each row's last `size` positions: position p lives in slot p % size."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, size: int, device, dtype):
+        super().__init__(n_layers, batch, n_kv_heads, head_dim, size, device, dtype)
+        self.size = size
+
+    def _keep(self, lengths):
+        return lengths.clamp(max=self.size)
+
+    def _prefill_slots(self, positions):
+        return positions % self.size
+
+    def _step_slots(self, positions, rows):
+        return positions % self.size, self.size
+
+
+class GrowingCache(KVCache):
+    """One slot per position, in order; capacity doubles when full. Attention reads only the filled slots."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, device, dtype, capacity: int = 64):
+        super().__init__(n_layers, batch, n_kv_heads, head_dim, capacity, device, dtype)
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)  # filled slots per row
+
+    def _grow(self, needed: int) -> None:
+        capacity = self.pos.shape[1]
+        if needed <= capacity:
+            return
+        extra = max(needed, 2 * capacity) - capacity
+        self.pos = F.pad(self.pos, (0, extra), value=-1)
+        self.k = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in self.k]
+        self.v = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in self.v]
+
+    def _keep(self, lengths):
+        self._grow(int(lengths.max()))
+        self.count = lengths.clone()
+        return lengths
+
+    def _prefill_slots(self, positions):
+        return positions
+
+    def _step_slots(self, positions, rows):
+        slots = self.count[rows]
+        self._grow(int(slots.max()) + 1)
+        self.count[rows] += 1
+        return slots, int(self.count[rows].max())
+
+
+def stack_cache(
+    n_layers: int, batch: int, n_kv_heads: int, head_dim: int, window: int | None, device, dtype
+) -> KVCache:
+    """The cache of a stack whose self-attention sees `window` positions (None: all of them)."""
+    if window is None:
+        return GrowingCache(n_layers, batch, n_kv_heads, head_dim, device, dtype)
+    return WindowCache(n_layers, batch, n_kv_heads, head_dim, window, device, dtype)
