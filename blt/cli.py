@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,7 @@ from blt.flops import flops_per_byte, format_table
 from blt.inference import score
 from blt.presets import BLT_PRESETS, ENTROPY_PRESETS
 from blt.tokenizer import StreamDecoder
-from blt.training.recipes import evaluate_model, train_blt, train_entropy
+from blt.training.recipes import evaluate_model, resolve_model_dir, train_blt, train_entropy
 from blt.weights import convert, load_blt
 
 EXIT_USER_ERROR = 2
@@ -57,6 +58,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps")
     p.add_argument("--log-every", type=int, help="write metrics every N steps")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--patience",
+        type=int,
+        help="stop after this many validations without a better validation bpb (default: train to --max-steps)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share (default 0.1)")
     p.add_argument(
         "--split",
@@ -80,6 +86,7 @@ def _overrides(args) -> dict:
         "ckpt_every",
         "log_every",
         "seed",
+        "patience",
     )
     return {k: getattr(args, k) for k in keys}
 
@@ -128,7 +135,7 @@ def _train(args) -> None:
 
 def _eval(args) -> None:
     r = evaluate_model(
-        args.model,
+        _model_dir(args),
         args.data,
         split=args.split,
         seq_len=args.seq_len,
@@ -144,11 +151,13 @@ def _eval(args) -> None:
         if "mean_patch_bytes" in r:
             print(f"mean patch bytes    {r['mean_patch_bytes']:.3f}")
         print(f"inference FLOPs/byte {r['flops_per_byte']:.4g}")
+        verdict = "the model beats xz" if r["bpb"] < r["xz_bpb"] else "the model LOSES to xz on this text"
+        print(f"xz -9 bits per byte {r['xz_bpb']:.4f}  ({verdict})")
 
 
 def _flops(args) -> None:
     if args.model:
-        model = _load_blt(args.model, "cpu")
+        model = _load_blt(args, "cpu")
         config, entropy = model.config, (model.entropy_model.config if model.entropy_model is not None else None)
     else:
         try:
@@ -171,7 +180,7 @@ def _demo(args) -> None:
 
 
 def _generate(args) -> None:
-    model = _load_blt(args.model, args.device)
+    model = _load_blt(args, args.device)
     prompt = (
         sys.stdin.buffer.read() if args.prompt == "-" else os.fsencode(args.prompt)
     )  # bytes as given, even invalid UTF-8
@@ -200,7 +209,7 @@ def _generate(args) -> None:
 
 
 def _score(args) -> None:
-    model = _load_blt(args.model, args.device)
+    model = _load_blt(args, args.device)
     if args.file == "-":
         data = sys.stdin.buffer.read()
     else:
@@ -224,8 +233,16 @@ def _score(args) -> None:
         print(f"bits per byte  {bpb:.4f}  ({n_bytes} bytes)")
 
 
-def _load_blt(path, device):
-    return load_blt(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _model_dir(args) -> Path:
+    """--model, or its best/ checkpoint when the run kept one (unless --final); says so on stderr."""
+    path = resolve_model_dir(args.model, final=getattr(args, "final", False))
+    if path != Path(args.model):
+        print(f"using {path} (the best validation point; --final for the last weights)", file=sys.stderr)
+    return path
+
+
+def _load_blt(args, device):
+    return load_blt(_model_dir(args), device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _compare(args) -> None:
@@ -253,7 +270,7 @@ def _compare(args) -> None:
 
 
 def _patch(args) -> None:
-    model = _load_blt(args.model, "cpu")
+    model = _load_blt(args, "cpu")
     if args.file:
         try:
             data = open(args.file, "rb").read()
@@ -350,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bits per byte, mean patch size and FLOPs per byte of a saved model.",
     )
     p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--final", action="store_true", help="use the last weights even when the run kept best/")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH")
     p.add_argument(
         "--split",
@@ -407,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--model", required=True)
+    p.add_argument("--final", action="store_true", help="use the last weights even when the run kept best/")
     p.add_argument("prompt", help='the prompt ("" starts from BOS; - reads stdin)')
     p.add_argument("--max-new-bytes", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -433,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--model", required=True)
+    p.add_argument("--final", action="store_true", help="use the last weights even when the run kept best/")
     p.add_argument("file", help="text file, or - for stdin")
     p.add_argument("--per-byte", action="store_true", help="print offset, byte, character and log2 p for every byte")
     p.add_argument(
@@ -490,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--model", required=True)
+    p.add_argument("--final", action="store_true", help="use the last weights even when the run kept best/")
     p.add_argument("text", nargs="?", help="the text (or use --file)")
     p.add_argument("--file", help="read the text from a file")
     p.add_argument("--html", help="write an HTML page here")

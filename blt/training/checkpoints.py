@@ -14,9 +14,10 @@ from blt.errors import BltError
 
 
 def save_checkpoint(
-    out: Path, step: int, model, optimizer, scheduler, position: int, elapsed: float, keep: int
+    out: Path, step: int, model, optimizer, scheduler, position: int, elapsed: float, keep: int, validation=None
 ) -> Path:
-    """Write checkpoint `step` atomically; on failure the previous checkpoint stays as it was."""
+    """Write checkpoint `step` atomically; on failure the previous checkpoint stays as it was. `validation` is the
+    loop's record of validation so far (best bpb, patience), restored on resume."""
     root = out / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -34,6 +35,7 @@ def save_checkpoint(
             "scheduler": scheduler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "validation": validation or {},
         }
         torch.save(state, tmp / "trainer.pt")
         if final.exists():

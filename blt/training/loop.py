@@ -57,6 +57,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 100
     eval_windows: int = 64
+    patience: int | None = None  # stop after this many validations without a new best (None: never stop early)
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -106,8 +107,13 @@ def train_loop(
     d: Dist | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    on_best: Callable[[torch.nn.Module, dict], None] | None = None,
 ) -> dict:
-    """Train `model` on `data`; `forward(model, batch)` returns the loss of a batch already on the device."""
+    """Train `model` on `data`; `forward(model, batch)` returns the loss of a batch already on the device.
+
+    With `validate`, the model is validated every `eval_every` steps and at the last step; `on_best(model, record)`
+    is called (on rank 0) whenever validation bpb reaches a new low, and `cfg.patience` validations without one
+    stop the run (a checkpoint is written first)."""
     d = d or Dist()
     out = Path(out)
     if cfg.batch_size % d.world:
@@ -119,12 +125,14 @@ def train_loop(
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_at)
     step, position, elapsed_before = 0, 0, 0.0
+    watch = ValidationWatch(cfg.patience)
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             raise BltError(f"{out} holds no checkpoint to resume from")
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         step, position, elapsed_before = state["step"], state["position"], state["elapsed"]
+        watch.load(state.get("validation") or {})
         if d.main:
             _truncate_metrics(out, step)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
@@ -177,20 +185,30 @@ def train_loop(
             }
             if d.main and (step % cfg.log_every == 0 or step == 1):
                 log_metrics(out, last)
+            watch.train_loss(loss_value)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{loss_value / math.log(2):.3f}")
             if on_step is not None:
                 on_step(step)
-            if validate is not None and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            stalled = False
+            if validate is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 val = validate(model)
+                improved, warning = watch.validation(step, val["bpb"])
                 if d.main:
                     log_metrics(out, {"step": step, **{f"val_{k}": v for k, v in val.items()}})
-                    bar.write(f"step {step}: val bpb {val['bpb']:.3f}")
+                    bar.write(f"step {step}: val bpb {val['bpb']:.3f}" + (" (best so far)" if improved else ""))
+                    if warning:
+                        bar.write(warning)
+                    if improved and on_best is not None:
+                        on_best(model, {"step": step, **val})
+                stalled = watch.out_of_patience
             out_of_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
             interrupted = any_rank(stop["signal"], d)
-            if step % cfg.ckpt_every == 0 or interrupted or out_of_time or step == cfg.max_steps:
+            if step % cfg.ckpt_every == 0 or interrupted or out_of_time or stalled or step == cfg.max_steps:
                 if d.main:
-                    save_checkpoint(out, step, model, optimizer, scheduler, position, elapsed, cfg.keep_checkpoints)
+                    save_checkpoint(
+                        out, step, model, optimizer, scheduler, position, elapsed, cfg.keep_checkpoints, watch.state()
+                    )
                 if d.world > 1:
                     dist.barrier()
             if interrupted:
@@ -201,11 +219,73 @@ def train_loop(
                 if d.main:
                     bar.write(f"stopping after {elapsed / 60:.1f} minutes (--max-minutes)")
                 break
+            if stalled:
+                if d.main:
+                    bar.write(
+                        f"stopping early at step {step}: no better validation bpb than {watch.best_bpb:.4f} "
+                        f"(step {watch.best_step}) in {cfg.patience} validations (--patience)"
+                    )
+                break
     finally:
         bar.close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     return last
+
+
+class ValidationWatch:
+    """What validation says about a run: the best bpb so far (and when), how many validations have passed without
+    a new best (for --patience), and whether validation bpb rises while the training loss falls (memorizing)."""
+
+    def __init__(self, patience: int | None):
+        self.patience = patience
+        self.best_bpb, self.best_step, self.since_best = math.inf, 0, 0
+        self.last_val: float | None = None
+        self.losses: list[float] = []  # training losses since the last validation
+        self.last_loss: float | None = None  # their mean at the last validation
+        self.warned = False
+
+    def train_loss(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def validation(self, step: int, bpb: float) -> tuple[bool, str | None]:
+        """Record a validation -> (a new best?, a one-line warning or None)."""
+        loss = sum(self.losses) / len(self.losses) if self.losses else None
+        warning = None
+        rising = self.last_val is not None and bpb > self.last_val * 1.002
+        falling = loss is not None and self.last_loss is not None and loss < self.last_loss
+        if rising and falling and not self.warned:
+            self.warned = True
+            warning = (
+                f"warning: validation bpb rose from {self.last_val:.3f} to {bpb:.3f} at step {step} while the training "
+                f"loss fell ({self.last_loss / math.log(2):.3f} -> {loss / math.log(2):.3f} bits): the model is "
+                "memorizing its training data; best/ keeps the best validation point, --patience stops early"
+            )
+        improved = bpb < self.best_bpb
+        if improved:
+            self.best_bpb, self.best_step, self.since_best = bpb, step, 0
+        else:
+            self.since_best += 1
+        self.last_val, self.last_loss, self.losses = bpb, loss if loss is not None else self.last_loss, []
+        return improved, warning
+
+    @property
+    def out_of_patience(self) -> bool:
+        return self.patience is not None and self.since_best >= self.patience
+
+    def state(self) -> dict:
+        return {
+            "best_bpb": self.best_bpb,
+            "best_step": self.best_step,
+            "since_best": self.since_best,
+            "last_val": self.last_val,
+            "last_loss": self.last_loss,
+            "warned": self.warned,
+        }
+
+    def load(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
 
 
 def _in_main_thread() -> bool:

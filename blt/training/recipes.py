@@ -6,6 +6,8 @@ Each takes raw text paths and a run directory, and leaves a model `load_pretrain
 from __future__ import annotations
 
 import json
+import lzma
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -34,6 +36,10 @@ from blt.training.loop import TrainConfig, lm_loss, log_metrics, train_loop
 from blt.weights import BLT, EntropyModel, load_entropy_model, load_pretrained
 
 DEFAULT_CACHE = Path.home() / ".cache" / "blt"
+BEST = "best"  # beside the final model: the weights of the best validation point
+# Above this many trainable parameters per training byte a model can memorize its corpus. (The compute-optimal
+# recipe the paper builds on spends ~20 tokens, about 90 bytes, per parameter: 0.01 parameters per byte.)
+MAX_PARAMS_PER_BYTE = 1.0
 
 
 def _prepare_run_dir(out: Path, resume: bool) -> dict | None:
@@ -73,6 +79,45 @@ def log_final(out: Path, result: dict) -> None:
     records = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
     step = max((json.loads(r).get("step", 0) for r in records if r), default=0)
     log_metrics(out, {"step": step, "final": True, **{f"val_{k}": v for k, v in result.items()}})
+
+
+def warn_if_large(model: torch.nn.Module, train_bytes: int, what: str) -> float:
+    """One line on stderr when `model` has more than MAX_PARAMS_PER_BYTE parameters per training byte."""
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ratio = params / max(train_bytes, 1)
+    if ratio > MAX_PARAMS_PER_BYTE:
+        print(
+            f"warning: the {what} has {params / 1e6:.2f}M parameters for {train_bytes / 1e3:.0f} KB of training text "
+            f"({ratio:.1f} per byte, above {MAX_PARAMS_PER_BYTE:g}): it can memorize the corpus; use a smaller preset "
+            "or more data (best/ keeps the best validation point, --patience stops early)",
+            file=sys.stderr,
+        )
+    return ratio
+
+
+def save_best(out: Path):
+    """`on_best` for the training loop: the model of each new best validation point goes to `out`/best."""
+
+    def on_best(model, record: dict) -> None:
+        was_training = model.training
+        model.eval()
+        model.save_pretrained(out / BEST)
+        save_json({"step": record["step"], "val_bpb": record["bpb"]}, out / BEST / "best.json")
+        model.train(was_training)
+
+    return on_best
+
+
+def resolve_model_dir(path: str | Path, final: bool = False) -> Path:
+    """A run folder's best/ model when it has one (unless `final`), else the folder itself."""
+    path = Path(path)
+    best = path / BEST
+    return path if final or not (best / "config.json").is_file() else best
+
+
+def xz_bpb(data: bytes) -> float:
+    """Bits per byte of `xz -9` (LZMA, the xz container) on `data`: the general-purpose compressor to beat."""
+    return 8 * len(lzma.compress(data, preset=9)) / max(len(data), 1)
 
 
 def lm_forward(model, batch) -> torch.Tensor:
@@ -135,7 +180,9 @@ def train_entropy(
             else {"bpb": float("nan")}
         )
 
-    train_loop(model, seqs, cfg, out, lm_forward, validate, resume, d, progress)
+    if d.main:
+        warn_if_large(model, count_bytes(train_stream), "entropy model")
+    train_loop(model, seqs, cfg, out, lm_forward, validate, resume, d, progress, on_best=save_best(out))
     result = {}
     if d.main:
         model.eval()
@@ -244,7 +291,9 @@ def train_blt(
             else {"bpb": float("nan")}
         )
 
-    train_loop(model, seqs, cfg, out, blt_forward(patcher), validate, resume, d, progress)
+    if d.main:
+        warn_if_large(model, count_bytes(train_stream), "BLT")
+    train_loop(model, seqs, cfg, out, blt_forward(patcher), validate, resume, d, progress, on_best=save_best(out))
     result = {}
     if d.main:
         model.eval()
@@ -271,7 +320,8 @@ def evaluate_model(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """bpb, mean patch size and FLOPs per byte of a saved model on `data` (or on its train/val split)."""
+    """bpb, mean patch size and FLOPs per byte of a saved model on `data` (or on its train/val split), and the bpb of
+    `xz -9` on the same bytes."""
     model = load_pretrained(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -285,6 +335,8 @@ def evaluate_model(
     encode_doc = model.patcher.encode if is_blt and model.patcher is not None and model.patcher.mode == "bpe" else None
     stream = build_stream(docs, (lambda data: encode_doc(data).tolist()) if encode_doc else None)
     run = Path(model_dir) / "run.json"
+    if not run.is_file() and Path(model_dir).name == BEST:
+        run = Path(model_dir).parent / "run.json"
     if seq_len is None:
         seq_len = json.loads(run.read_text())["train"]["seq_len"] if run.is_file() else 1024
     ent = None
@@ -306,4 +358,5 @@ def evaluate_model(
     result["flops_per_byte"] = report["inference_total"]
     result["train_flops_per_byte"] = report["training_total"]
     result["n_bytes_data"] = count_bytes(stream)
+    result["xz_bpb"] = xz_bpb(b"".join(doc.data for doc in docs))
     return result
