@@ -44,7 +44,7 @@ def build(name: str) -> blt.BLT:
     init_weights(em)
     with torch.no_grad():
         em.output.weight.mul_(8.0)  # a peaked random LM: entropies vary from byte to byte
-    from blt.experiments.demo import stdlib_corpus
+    from blt.experiments.corpus import stdlib_corpus
 
     sample = torch.stack([blt.encode(t.encode()[:511]) for _, t in stdlib_corpus()[:16] if len(t.encode()) >= 511])
     theta = threshold_for_mean_patch(list(em.entropies(sample)), 4.5)

@@ -47,7 +47,7 @@ def timed(fn, steps: int, warmup: int = 2) -> float:
 
 
 def corpus_batch(batch: int, seq_len: int) -> torch.Tensor:
-    from blt.experiments.demo import stdlib_corpus
+    from blt.experiments.corpus import stdlib_corpus
 
     text = "\n\n".join(t for _, t in stdlib_corpus()).encode()
     rows = [blt.encode(text[i * seq_len * 3 : i * seq_len * 3 + seq_len - 1]) for i in range(batch)]

@@ -1,19 +1,61 @@
-"""`blt demo` end to end on its embedded corpus, with a handful of steps (the full demo is `make demo`)."""
+"""`blt demo` end to end on its embedded corpus, with a handful of steps (the full demo is `make demo`), and the
+corpus itself: English prose read from the standard library's files, never by importing a module."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import blt
-from blt.experiments.demo import run_demo, stdlib_corpus
+from blt.experiments.corpus import stdlib_corpus, stdlib_dir
+from blt.experiments.demo import run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_corpus_comes_from_the_standard_library():
-    docs = stdlib_corpus()
-    assert len(docs) >= 20 and sum(len(t) for _, t in docs) > 100_000
+    docs = stdlib_corpus(max_bytes=400_000)
+    assert len(docs) >= 20 and 300_000 < sum(len(t) for _, t in docs) <= 400_000
+    assert docs == stdlib_corpus(max_bytes=400_000)  # deterministic
+    assert len({text for _, text in docs}) == len(docs)  # no document twice
+    if (stdlib_dir() / "pydoc_data" / "topics.py").is_file():
+        assert any('The "if" statement is used for conditional execution' in t for _, t in docs)
+
+
+def test_corpus_imports_nothing_even_without_pydoc_data(tmp_path):
+    """With pydoc_data hidden and a module planted next to the standard library, building the corpus runs no
+    foreign code and imports no module that was not already imported."""
+    fake = tmp_path / "lib"
+    fake.mkdir()
+    (fake / "aaa_evil.py").write_text('"""An evil module: importing it writes a file."""\nopen("PWNED", "w").close()\n')
+    (fake / "notes.py").write_text(
+        '"""' + "This module explains how a careful reader checks things twice. " * 3 + '"""\n'
+    )
+    script = (
+        "import sys; before = set(sys.modules)\n"
+        "from blt.experiments.corpus import stdlib_corpus\n"
+        "after_import = set(sys.modules)\n"
+        f"docs = stdlib_corpus(stdlib={str(fake)!r})\n"
+        "new = set(sys.modules) - after_import\n"
+        "print(len(docs), sorted(new))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    count, new = proc.stdout.split(" ", 1)
+    assert int(count) == 1 and new.strip() == "[]"  # the docstring of notes.py; nothing imported
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_demo_writes_everything(tmp_path):
     out = tmp_path / "demo"
-    result = run_demo(out, entropy_steps=4, blt_steps=4, quiet=True)
+    result = run_demo(out, entropy_steps=4, blt_steps=4, quiet=True, corpus_bytes=200_000)
     for name in (
         "entropy/model.safetensors",
         "blt/model.safetensors",
@@ -26,6 +68,7 @@ def test_demo_writes_everything(tmp_path):
     model = blt.load_pretrained(out / "blt")
     assert model.patcher.mode == "entropy" and model.entropy_model is not None
     assert result["unigram_bpb"] > 4.0 and result["bpb"] > 0 and result["mean_patch_bytes"] > 1
+    assert len(result["sample"]) > 0 and len(result["greedy"]) > 0
     html = (out / "patches.html").read_text()
     assert html.count('class="p"') > 5 and "entropy" in html
     summary = json.loads((out / "blt" / "summary.json").read_text())

@@ -1,10 +1,10 @@
 """`blt demo`: the whole job on a corpus every Python installation carries.
 
-The corpus is the standard library's own documentation: the help topics of `pydoc_data.topics` (what
-`help("if")` prints), cut into sections. It trains a small entropy model, calibrates the entropy
-threshold to 4.5-byte patches, trains a small BLT on the same text, and reports validation bits per
-byte next to a unigram byte model's, the mean patch size, and a generated sample. Everything lands in
-`runs/demo/`, and every step is one of the `blt` commands, so the run can be repeated piece by piece.
+The corpus (`blt.experiments.corpus`) is English prose read as files from the standard library: pydoc's help
+topics and the docstrings and comments of the library's own modules, never imported. The demo trains a small
+entropy model, calibrates the entropy threshold to 4.5-byte patches, trains a small BLT on the same text, and
+reports validation bits per byte next to a unigram byte model's, the mean patch size, and samples. Everything
+lands in `runs/demo/`, and every step is one of the `blt` commands, so the run can be repeated piece by piece.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from blt.experiments.corpus import stdlib_corpus
 from blt.experiments.visualize import loss_curves_png, patch_html, patch_png, patch_view
 from blt.training.data import build_stream, read_documents, split_documents
 from blt.training.evaluate import unigram_bpb
@@ -21,49 +22,22 @@ from blt.training.recipes import train_blt, train_entropy
 from blt.weights import load_blt
 
 SAMPLE_PROMPT = "The if statement is used for"
-SECTION_BYTES = 3000
+CORPUS_BYTES = 1_200_000  # about what the demo's training steps read once
 
 
-def stdlib_corpus() -> list[tuple[str, str]]:
-    """(name, text) documents: pydoc's help topics cut at blank lines into ~3 KB sections; the
-    standard library's module docstrings when pydoc_data is missing (some distributions strip it)."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        topics = {}
-    docs = []
-    for name in sorted(topics):
-        section, n = [], 0
-        for para in topics[name].split("\n\n"):
-            section.append(para)
-            if sum(len(p) for p in section) > SECTION_BYTES:
-                docs.append((f"{name}-{n}", "\n\n".join(section)))
-                section, n = [], n + 1
-        if section:
-            docs.append((f"{name}-{n}", "\n\n".join(section)))
-    if not docs:
-        import importlib
-        import pkgutil
-
-        for mod in sorted(m.name for m in pkgutil.iter_modules() if not m.name.startswith("_"))[:400]:
-            try:
-                doc = importlib.import_module(mod).__doc__
-            except Exception:  # importing arbitrary stdlib modules may fail for many reasons
-                continue
-            if doc and len(doc) > 200:
-                docs.append((mod, doc))
-    return docs
-
-
-def write_corpus(directory: Path) -> Path:
+def write_corpus(directory: Path, max_bytes: int | None = CORPUS_BYTES) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    for i, (name, text) in enumerate(stdlib_corpus()):
+    for i, (name, text) in enumerate(stdlib_corpus(max_bytes=max_bytes)):
         (directory / f"{i:04d}-{name}.txt").write_text(text, encoding="utf-8")
     return directory
 
 
 def run_demo(
-    out: str | Path = "runs/demo", entropy_steps: int = 300, blt_steps: int = 220, quiet: bool = False
+    out: str | Path = "runs/demo",
+    entropy_steps: int = 300,
+    blt_steps: int = 220,
+    quiet: bool = False,
+    corpus_bytes: int | None = CORPUS_BYTES,
 ) -> dict:
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     start = time.time()
@@ -71,12 +45,12 @@ def run_demo(
     if out.exists():
         say(f"replacing the previous demo run in {out}")
         shutil.rmtree(out)
-    corpus = write_corpus(out / "corpus")
+    corpus = write_corpus(out / "corpus", corpus_bytes)
     docs = read_documents([corpus])
     train_docs, val_docs = split_documents(docs)
     say(
-        f"corpus: the standard library's help topics, {sum(len(d.data) for d in docs) / 1e3:.0f} KB in "
-        f"{len(docs)} sections "
+        "corpus: the standard library's help topics, docstrings and comments, "
+        f"{sum(len(d.data) for d in docs) / 1e3:.0f} KB in {len(docs)} sections "
         f"({len(val_docs)} held out for validation)"
     )
 
@@ -101,6 +75,7 @@ def run_demo(
     say("\n[3/3] sampling and drawing patches")
     model = load_blt(out / "blt")
     sample = model.generate([SAMPLE_PROMPT], max_new_bytes=160, temperature=0.7, top_k=20, seed=0)[0]
+    greedy = model.generate([SAMPLE_PROMPT], max_new_bytes=100)[0]
 
     text, byte_starts, byte_entropy, threshold = patch_view(model, val_docs[0].data[:240])
     (out / "patches.html").write_text(
@@ -126,8 +101,9 @@ def run_demo(
     )
     say(f"mean patch size            {res['mean_patch_bytes']:.2f} bytes (threshold {threshold:.3f} nats)")
     say(f"parameters                 BLT {res['params'] / 1e6:.2f} M")
-    say(f"sample  {SAMPLE_PROMPT!r} ->")
-    say("        " + (SAMPLE_PROMPT + sample.decode("utf-8", errors="replace")).replace("\n", "\n        "))
+    for label, text in (("sample (temperature 0.7, top-k 20)", sample), ("greedy", greedy)):
+        say(f"{label}  {SAMPLE_PROMPT!r} ->")
+        say("        " + (SAMPLE_PROMPT + text.decode("utf-8", errors="replace")).replace("\n", "\n        "))
     say(f"written  {out}/entropy/  {out}/blt/  {out}/patches.html  {out}/patches.png  {out}/loss.png")
     say(f"done in {minutes:.1f} minutes")
     return {
@@ -136,6 +112,7 @@ def run_demo(
         "unigram_bpb": unigram,
         "mean_patch_bytes": res["mean_patch_bytes"],
         "sample": sample,
+        "greedy": greedy,
         "minutes": minutes,
     }
 

@@ -1,0 +1,266 @@
+"""A corpus of English prose that every Python installation carries, with no download.
+
+Sources, all read as files from the standard library directory (`sysconfig.get_paths()["stdlib"]`),
+parsed with `ast`/`tokenize`, never imported or executed:
+
+- the help topics of `pydoc_data/topics.py` (what `help("if")` prints): the `topics` dict literal is
+  evaluated with `ast.literal_eval`. Some distributions strip `pydoc_data`; the corpus then holds the
+  docstrings and comments alone.
+- the docstrings (module, class, function) and comments of the standard library's own `.py` files,
+  outside `site-packages` and the test suites, demos and vendored code listed in `SKIP_DIRS`.
+
+Cleaning keeps paragraphs that read as prose: doctest sessions, code-like and table-like lines,
+licence and copyright headers, markup-only lines and short fragments are dropped. Paragraphs are
+deduplicated exactly and near-exactly (after folding case, digits, punctuation and spacing), then
+packed, module by module, into documents of about `DOC_BYTES`. The result is deterministic for a
+given Python build: files are read in sorted order and nothing depends on hashing seeds or time.
+
+The text is the Python documentation and source commentary, under the PSF License (the stdlib's
+`LICENSE.txt`).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import sysconfig
+from pathlib import Path
+
+from blt.errors import BltError
+
+DOC_BYTES = 3000
+MIN_PARAGRAPH = 60  # characters; shorter paragraphs are fragments ("Return x.", "XXX")
+SKIP_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "lib2to3",
+    "turtledemo",
+    "ensurepip",
+    "__pycache__",
+    "__phello__",
+    "encodings",
+    "config",
+    "lib-dynload",
+}
+SKIP_FILES = {"this.py", "antigravity.py", "__hello__.py", "_sysconfigdata", "pydoc_data"}
+
+_LICENCE = re.compile(
+    r"copyright|licen[cs]e|all rights reserved|warranty|permission is hereby granted|redistribut|author:", re.I
+)
+_CODEISH = re.compile(
+    r"^\s*(>>>|\.\.\.|\$ |%|def |class |import |from \S+ import|return |if .*:$|for .*:$|@\w)"
+    r"|[{};]\s*$|\w\(.*\)\s*$|==|!=|->|::|^\s*[-=~^*+#]{3,}\s*$"
+)
+_WORD = re.compile(r"[A-Za-z][a-z]+(?:'[a-z]+)?")
+_NEAR = re.compile(r"[^a-z]+")
+
+
+def stdlib_dir() -> Path:
+    path = Path(sysconfig.get_paths()["stdlib"])
+    if not path.is_dir():
+        raise BltError(f"the standard library directory {path} does not exist")
+    return path
+
+
+# ---- sources ---------------------------------------------------------------------------------------
+def help_topics(stdlib: Path) -> dict[str, str]:
+    """pydoc's help topics, read from pydoc_data/topics.py as a literal; {} when the file is absent."""
+    path = stdlib / "pydoc_data" / "topics.py"
+    if not path.is_file():
+        return {}
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, ValueError, UnicodeDecodeError):
+        return {}
+    for node in tree.body:
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        if any(isinstance(t, ast.Name) and t.id == "topics" for t in targets) and node.value is not None:
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                return {}
+            return (
+                {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+                if isinstance(value, dict)
+                else {}
+            )
+    return {}
+
+
+def source_files(stdlib: Path) -> list[Path]:
+    """The standard library's .py files outside site-packages, tests, demos and vendored code."""
+    files = []
+    for root, dirs, names in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(("config-", "test")))
+        for name in sorted(names):
+            if (
+                name.endswith(".py")
+                and not name.startswith("test_")
+                and not any(name.startswith(s) for s in SKIP_FILES)
+            ):
+                files.append(Path(root) / name)
+    rel = str(stdlib) + os.sep
+    return sorted(files, key=lambda p: str(p).replace(rel, ""))
+
+
+_LEX = re.compile(
+    r"""(?P<p>[rRuUbBfF]{0,2})(?P<q>\"\"\"|''')(?P<body>(?:\\.|[^\\])*?)(?P=q)"""
+    r"""|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|(?P<c>\#[^\n]*)""",
+    re.S,
+)
+
+
+def cleandoc(text: str) -> str:
+    """A docstring's text as `inspect.cleandoc` gives it: the first line stripped, the rest dedented."""
+    lines = text.expandtabs().splitlines()
+    indents = [len(line) - len(line.lstrip()) for line in lines[1:] if line.strip()]
+    margin = min(indents, default=0)
+    return "\n".join([lines[0].strip() if lines else ""] + [line[margin:].rstrip() for line in lines[1:]]).strip()
+
+
+def docstrings_and_comments(source: str) -> list[str]:
+    """The triple-quoted strings that stand as statements (docstrings) and the blocks of whole-line
+    comments of a module, in source order. A regular-expression lexer skips the other string
+    literals so that a `#` inside a string is no comment; it is ten times faster than `ast.parse`."""
+    texts: list[str] = []
+    block: list[str] = []
+    last_line = -2
+    for m in _LEX.finditer(source):
+        line_start = source.rfind("\n", 0, m.start()) + 1
+        if source[line_start : m.start()].strip():  # not at the start of a line: part of an expression
+            continue
+        if m.group("q"):
+            if not set(m.group("p").lower()) & {"b", "f"}:
+                texts.append(cleandoc(m.group("body")))
+            continue
+        if m.group("c") is None:
+            continue
+        text = m.group("c").lstrip("#").strip()
+        if block and source.count("\n", last_line, line_start) != 1:
+            texts.append("\n".join(block))
+            block = []
+        last_line = line_start
+        if not text or text.startswith(("!", "-*-", "type:", "noqa", "pragma", "fmt:", "pylint")):
+            if block:
+                texts.append("\n".join(block))
+                block = []
+            continue
+        block.append(text)
+    if block:
+        texts.append("\n".join(block))
+    return texts
+
+
+# ---- cleaning --------------------------------------------------------------------------------------
+def is_prose_line(line: str) -> bool:
+    s = line.strip()
+    if not s or _CODEISH.search(s):
+        return False
+    letters = sum(c.isalpha() for c in s)
+    return letters >= 0.6 * len(s) and len(_WORD.findall(s)) >= 2
+
+
+def prose_paragraphs(text: str) -> list[str]:
+    """The paragraphs of `text` that read as English prose, each with its lines re-joined by spaces."""
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = para.splitlines()
+        if not lines or any(line.lstrip().startswith(">>>") for line in lines):
+            continue
+        # an indented paragraph (inside a cleaned docstring) is a code sample or a table
+        if all(line.startswith((" ", "\t")) for line in lines if line.strip()):
+            continue
+        kept = [line.strip() for line in lines if is_prose_line(line)]
+        if len(kept) < 0.7 * len([line for line in lines if line.strip()]):
+            continue
+        joined = " ".join(kept)
+        words = _WORD.findall(joined)
+        if len(joined) < MIN_PARAGRAPH or len(words) < 8 or _LICENCE.search(joined):
+            continue
+        if sum(len(w) for w in words) < 0.65 * len(joined):  # identifiers, numbers, markup
+            continue
+        out.append(joined)
+    return out
+
+
+def near_key(text: str) -> str:
+    return _NEAR.sub("", text.lower())
+
+
+def pack(name: str, paragraphs: list[str], doc_bytes: int = DOC_BYTES) -> list[tuple[str, str]]:
+    """Consecutive paragraphs joined by blank lines into documents of about `doc_bytes`."""
+    docs, section, size = [], [], 0
+    for para in paragraphs:
+        section.append(para)
+        size += len(para) + 2
+        if size >= doc_bytes:
+            docs.append((f"{name}-{len(docs)}", "\n\n".join(section)))
+            section, size = [], 0
+    if section:
+        docs.append((f"{name}-{len(docs)}", "\n\n".join(section)))
+    return docs
+
+
+# ---- the corpus ------------------------------------------------------------------------------------
+def stdlib_corpus(
+    max_bytes: int | None = None,
+    topics: bool = True,
+    docstrings: bool = True,
+    stdlib: str | Path | None = None,
+    doc_bytes: int = DOC_BYTES,
+) -> list[tuple[str, str]]:
+    """(name, text) documents: pydoc's help topics cut at blank lines into ~`doc_bytes` sections, then the
+    cleaned, deduplicated docstrings and comments of the standard library, module by module, until
+    `max_bytes` of text (None: all of it). Help topics come first so a cap trims docstrings only."""
+    root = Path(stdlib) if stdlib else stdlib_dir()
+    seen: set[str] = set()
+    docs: list[tuple[str, str]] = []
+    total = 0
+
+    def fresh(paragraphs: list[str]) -> list[str]:
+        kept = []
+        for para in paragraphs:
+            key = near_key(para)
+            if key and key not in seen:
+                seen.add(key)
+                kept.append(para)
+        return kept
+
+    def add(new: list[tuple[str, str]]) -> bool:
+        nonlocal total
+        for name, text in new:
+            if max_bytes is not None and total + len(text) > max_bytes:
+                return False
+            docs.append((name, text))
+            total += len(text)
+        return True
+
+    if topics:
+        for name, text in sorted(help_topics(root).items()):
+            paras = [p for p in text.split("\n\n")]
+            # help topics keep their code samples and grammar; dedup by the same near-exact key
+            paras = [p for p in paras if p.strip() and (len(p) >= 20 and near_key(p) not in seen)]
+            for p in paras:
+                seen.add(near_key(p))
+            if paras and not add(pack(name, paras, doc_bytes)):
+                return docs
+    if docstrings:
+        for path in source_files(root):
+            try:
+                source = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            paragraphs = fresh([p for t in docstrings_and_comments(source) for p in prose_paragraphs(t)])
+            if paragraphs:
+                module = str(path.relative_to(root).with_suffix("")).replace(os.sep, ".")
+                if not add(pack(module, paragraphs, doc_bytes)):
+                    return docs
+    if not docs:
+        raise BltError(f"found no help topics or docstrings under {root}")
+    return docs
