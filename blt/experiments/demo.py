@@ -9,12 +9,13 @@ byte next to a unigram byte model's, the mean patch size, and a generated sample
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from blt.errors import BltError
 from blt.experiments.visualize import loss_curves_png, patch_html, patch_png, patch_view
+from blt.rundir import claim, is_ours
 from blt.training.data import build_stream, read_documents, split_documents
 from blt.training.evaluate import unigram_bpb
 from blt.training.recipes import train_blt, train_entropy
@@ -25,12 +26,16 @@ SECTION_BYTES = 3000
 
 
 def stdlib_corpus() -> list[tuple[str, str]]:
-    """(name, text) documents: pydoc's help topics cut at blank lines into ~3 KB sections; the
-    standard library's module docstrings when pydoc_data is missing (some distributions strip it)."""
+    """(name, text) documents: pydoc's help topics cut at blank lines into ~3 KB sections. Where pydoc_data
+    is missing (some distributions strip it) this is a clear error: the demo never imports other modules to
+    read their docstrings, as importing runs their code."""
     try:
         from pydoc_data.topics import topics
     except ImportError:
-        topics = {}
+        raise BltError(
+            "the demo corpus (pydoc_data.topics, part of the standard library) is missing from this Python; "
+            "train on your own text with `blt train-entropy` and `blt train` instead"
+        ) from None
     docs = []
     for name in sorted(topics):
         section, n = [], 0
@@ -41,17 +46,6 @@ def stdlib_corpus() -> list[tuple[str, str]]:
                 section, n = [], n + 1
         if section:
             docs.append((f"{name}-{n}", "\n\n".join(section)))
-    if not docs:
-        import importlib
-        import pkgutil
-
-        for mod in sorted(m.name for m in pkgutil.iter_modules() if not m.name.startswith("_"))[:400]:
-            try:
-                doc = importlib.import_module(mod).__doc__
-            except Exception:  # importing arbitrary stdlib modules may fail for many reasons
-                continue
-            if doc and len(doc) > 200:
-                docs.append((mod, doc))
     return docs
 
 
@@ -68,9 +62,9 @@ def run_demo(
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     start = time.time()
     out = Path(out)
-    if out.exists():
+    if out.exists() and is_ours(out, "demo"):
         say(f"replacing the previous demo run in {out}")
-        shutil.rmtree(out)
+    claim(out, "demo", "blt demo", replace=True)  # refuses any folder the demo did not make
     corpus = write_corpus(out / "corpus")
     docs = read_documents([corpus])
     train_docs, val_docs = split_documents(docs)
