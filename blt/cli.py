@@ -416,10 +416,15 @@ def _patch(args) -> None:
         patch_png(args.png, text, byte_starts, byte_entropy, threshold)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one line on stderr (not the usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="blt", description="Byte Latent Transformer: train, evaluate, generate, inspect."
-    )
+    parser = _Parser(prog="blt", description="Byte Latent Transformer: train, evaluate, generate, inspect.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

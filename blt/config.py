@@ -52,7 +52,11 @@ def check_fields(obj) -> None:
             continue
         if not ok:
             want = next(iter(kinds - {"None"}))
-            rule = {"int": "an integer >= 1", "float": "a finite number", "list[int]": "a list of integers in [1, 64]"}
+            rule = {
+                "int": "an integer >= 1",
+                "float": "a finite number" if f.name in SIGNED_FLOATS else "a finite number > 0",
+                "list[int]": "a list of integers in [1, 64]",
+            }
             raise BltError(f"{where}.{f.name} must be {rule.get(want, 'a ' + want)}, got {value!r}")
 
 

@@ -71,8 +71,12 @@ def _read_bytes(path: Path) -> bytes:
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
             raise BltError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+        with open(path, "rb") as f:  # in blocks: files such as /proc/... report no size
+            blocks, size = [], 0
+            while size <= MAX_FILE_BYTES and (block := f.read(1 << 24)):
+                blocks.append(block)
+                size += len(block)
+            data = b"".join(blocks)
     except OSError as e:
         raise BltError(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) > MAX_FILE_BYTES:

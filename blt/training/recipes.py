@@ -288,6 +288,8 @@ def train_blt(
     ]
     _check_memory(BLT, config, cfg, stacks, config.vocab_size, d.device, force)
     cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise BltError(f"the cache folder {cache_dir} is a file")
 
     em = load_entropy_model(entropy_model) if patching == "entropy" else None
     em_digest = entropy_model_digest(em) if em is not None else None

@@ -23,11 +23,14 @@ def rename(name: str, rules) -> str:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except FileNotFoundError:
         raise BltError(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BltError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise BltError(f"{path} must hold a JSON object, not {type(obj).__name__}")
+    return obj
 
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
