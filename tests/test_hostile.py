@@ -11,8 +11,11 @@ import hashlib
 import io
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -406,3 +409,243 @@ def test_api_case(fn, expect, tmp_path):
     message = str(e.value)
     assert "\n" not in message and expect in message, message
     del before  # the API cases only write their own inputs under tmp_path
+
+
+# ---- run folders: markers, locks, resume, faults ------------------------------------------------------
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(f"{i}: {TEXT}" for i in range(8)))
+    return path
+
+
+def entropy_run(data, out, *extra) -> list[str]:
+    fixed = "--preset tiny --seq-len 64 --log-every 1 --eval-every 1000 --ckpt-every 2 --device cpu".split()
+    return ["train-entropy", "--data", str(data), "--out", str(out), *fixed, *map(str, extra)]
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_demo_replaces_only_its_own_folder(tmp_path):
+    from blt.rundir import claim
+
+    own = claim(tmp_path / "demo", "demo", "blt demo")
+    (own / "old-output.txt").write_text("from the last demo")
+    claim(own, "demo", "blt demo", replace=True)
+    assert sorted(p.name for p in own.iterdir()) == [".blt-run"]
+    other = claim(tmp_path / "train", "blt-run", "blt train")
+    (other / "run.json").write_text("{}")
+    before = snapshot(other)
+    with pytest.raises(BltError, match="made by blt train"):
+        claim(other, "demo", "blt demo", replace=True)
+    assert snapshot(other) == before
+
+
+def test_demo_without_pydoc_data_imports_nothing(tmp_path):
+    """With pydoc_data hidden, the demo imports no module (an `aaa_evil.py` beside it is not run): it stops with a
+    one-line error instead of reading other modules' docstrings."""
+    (tmp_path / "aaa_evil.py").write_text("open('EXECUTED', 'w').write('oops')\n")
+    script = f"""
+import json, sys
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'pydoc_data':
+            raise ImportError('hidden')
+sys.meta_path.insert(0, Hide())
+sys.modules.pop('pydoc_data', None); sys.modules.pop('pydoc_data.topics', None)
+from blt.cli import main
+before = set(sys.modules)
+code = main(['demo', '--out', {str(tmp_path / "demo")!r}])
+print(json.dumps({{'code': code, 'new': sorted(set(sys.modules) - before)}}))
+"""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"code": 2, "new": []}, (result, out.stderr)
+    assert "pydoc_data" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "EXECUTED").exists()
+
+
+def test_resume_honours_max_steps_and_refuses_changes(tmp_path, capsys):
+    """`--resume --max-steps N` trains to N and records it; flags that would change the model or the data are
+    refused naming each field with both values. Each metrics line is written once (one final line)."""
+    data = corpus(tmp_path)
+    straight, grown = tmp_path / "straight", tmp_path / "grown"
+    assert main(entropy_run(data, straight, "--max-steps", 8)) == 0
+    assert main(entropy_run(data, grown, "--max-steps", 4)) == 0
+    capsys.readouterr()
+    changes = (("--preset", "demo", "preset"), ("--seq-len", "128", "seq_len"), ("--lr", "0.5", "lr"),
+               ("--seed", "3", "seed"), ("--split", "tail", "split"))  # fmt: skip
+    for flag, value, field in changes:
+        args = entropy_run(data, grown, "--resume", "--max-steps", 8)
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{field} (saved " in err and len(err.strip().splitlines()) == 1, err
+    assert main(entropy_run(data, grown, "--resume", "--max-steps", 8)) == 0
+    run = json.loads((grown / "run.json").read_text())
+    assert run["train"]["max_steps"] == 8
+    steps = [r["step"] for r in records(grown) if "loss" in r]
+    assert steps == list(range(1, 9))  # each step logged once, to N
+    assert sum(1 for r in records(grown) if r.get("final")) == 1
+    # the checkpoint at step 4 lies in the warmup (5 steps), where the schedule does not depend on max_steps: the
+    # grown run equals the straight 8-step run exactly
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(grown / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in records(grown) if "loss" in r] == [r["loss"] for r in records(straight) if "loss" in r]
+
+
+def test_resume_past_warmup_follows_the_new_schedule(tmp_path):
+    """Past the warmup the cosine is re-planned for the new length: from the resumed step on, the learning rate is
+    exactly the M-step schedule's (the earlier steps followed the N-step one, so the runs are not equal)."""
+    from blt.training.loop import TrainConfig
+
+    data = corpus(tmp_path)
+    out = tmp_path / "run"
+    assert main(entropy_run(data, out, "--max-steps", 6)) == 0
+    assert main(entropy_run(data, out, "--resume", "--max-steps", 10)) == 0
+    cfg = TrainConfig(**json.loads((out / "run.json").read_text())["train"])
+    assert cfg.max_steps == 10
+    lrs = {r["step"]: r["lr"] for r in records(out) if "lr" in r}
+    assert all(abs(lrs[s] - cfg.lr * cfg.lr_at(s)) < 1e-12 for s in range(7, 11))
+
+
+def test_failed_start_can_be_rerun_and_foreign_out_is_refused(tmp_path, capsys):
+    data = corpus(tmp_path)
+    out = tmp_path / "run"
+    assert main(entropy_run(tmp_path / "missing.txt", out, "--max-steps", 2)) == 2
+    assert main(entropy_run(data, out, "--max-steps", 2)) == 0  # nothing blocks the rerun
+    capsys.readouterr()
+    assert main(entropy_run(data, out, "--max-steps", 2)) == 2
+    assert "--resume" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(entropy_run(data, mine, "--max-steps", 2)) == 2
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_second_training_into_one_folder_stops_at_once(tmp_path, capsys):
+    data = corpus(tmp_path)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "blt.cli", *entropy_run(data, out, "--max-steps", 100000)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        start = time.time()
+        assert main(entropy_run(data, out, "--max-steps", 2)) == 2
+        assert time.time() - start < 5
+        err = capsys.readouterr().err
+        assert f"pid {first.pid}" in err and len(err.strip().splitlines()) == 1
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+
+
+def test_disk_full_during_a_checkpoint(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG) hits the checkpoint at step 4:
+    one line, exit 2, no temporaries, step 2 intact; resuming without the limit then works."""
+    data = corpus(tmp_path)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "blt.cli"]
+    subprocess.run(cmd + entropy_run(data, out, "--max-steps", 2), check=True, capture_output=True, env=env)
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    full = subprocess.run(cmd + entropy_run(data, out, "--resume", "--max-steps", 4), capture_output=True, text=True,
+                          env=env, preexec_fn=limit)  # fmt: skip
+    assert full.returncode == 2, full.stderr
+    lines = [line for line in full.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "could not write a checkpoint" in lines[0] and "step-00000002 is intact" in lines[0]
+    assert "Traceback" not in full.stderr
+    assert not list(out.rglob(".tmp*"))
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000002"]
+    subprocess.run(cmd + entropy_run(data, out, "--resume", "--max-steps", 4), check=True, capture_output=True, env=env)
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_damaged_checkpoint_and_log_fall_back(tmp_path, capsys):
+    data = corpus(tmp_path)
+    out = tmp_path / "run"
+    assert main(entropy_run(data, out, "--max-steps", 4)) == 0
+    trainer = out / "checkpoints" / "step-00000004" / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[:100])  # truncated
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "lo')  # a torn line
+    capsys.readouterr()
+    assert main(entropy_run(data, out, "--resume", "--max-steps", 6)) == 0
+    assert "step-00000004 is damaged" in capsys.readouterr().err
+    assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, capsys):
+    data = corpus(tmp_path)
+    out = tmp_path / "run"
+    assert main(entropy_run(data, out, "--max-steps", 30, "--lr", "1e30", "--warmup-steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the loss is" in err and "at step" in err and "Traceback" not in err
+
+
+def test_memory_estimate_refuses_before_allocating(tmp_path, capsys):
+    data = corpus(tmp_path)
+    start = time.time()
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "big"), "--preset", "blt-1b", "--patching",
+                 "static", "--batch-size", "4096"])  # fmt: skip
+    assert code == 2 and time.time() - start < 1.0
+    err = capsys.readouterr().err
+    assert "needs about" in err and "--force" in err
+    assert not (tmp_path / "big" / "run.json").exists()
+
+
+def test_long_prompt_is_refused_before_any_forward_pass(base, monkeypatch, capsys):
+    from blt.model.blt import BLT as Network
+
+    monkeypatch.setattr(Network, "forward", lambda *a, **k: pytest.fail("a forward pass ran"))
+    assert main(["generate", "--model", str(base / "model"), "x" * 1_000_000]) == 2
+    assert "1000000 bytes" in capsys.readouterr().err
+
+
+def test_eval_split_val_uses_the_runs_own_split(tmp_path, capsys):
+    data = corpus(tmp_path)
+    out = tmp_path / "run"
+    assert main(entropy_run(data, out, "--max-steps", 2, "--val-fraction", "0.3", "--split", "tail")) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", str(data), "--split", "val", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(result["bpb"] - json.loads((out / "summary.json").read_text())["bpb"]) < 1e-5
+
+
+def test_compare_refuses_results_of_other_data(tmp_path):
+    from blt.experiments.compare import check_fingerprint
+    from blt.rundir import claim
+
+    data, other = corpus(tmp_path), tmp_path / "other.txt"
+    other.write_text(TEXT * 3)
+    out = claim(tmp_path / "cmp", "compare", "blt compare")
+    settings = dict(seq_len=64, batch_size=4, bpe_vocab=300, val_fraction=0.1, split="auto", entropy_steps=5)
+    check_fingerprint(out, [str(data)], **settings)
+    check_fingerprint(out, [str(data)], **settings)  # the same: results may be reused
+    with pytest.raises(BltError, match="data_sha256"):
+        check_fingerprint(out, [str(other)], **settings)
+    with pytest.raises(BltError, match=r"seq_len \(stored 64, now 128\)"):
+        check_fingerprint(out, [str(data)], **dict(settings, seq_len=128))
+
+
+def test_literal_paths_before_globs_and_stop_strings(tmp_path):
+    odd = tmp_path / "notes [draft].txt"
+    odd.write_text("bracketed name")
+    assert read_documents([str(odd)])[0].data == b"bracketed name"
+    assert StopChecker("the").stops == [b"the"]  # one stop string, not three characters
+    from blt.cli import stop_bytes
+
+    assert stop_bytes("\\n\\nQ:") == b"\n\nQ:" and stop_bytes("\\xff\\x00") == b"\xff\x00"
