@@ -66,6 +66,11 @@ def claim(path: str | os.PathLike, kind: str, command: str, replace: bool = Fals
     return path
 
 
+def adopt(path: Path, kind: str, command: str) -> None:
+    """Mark a folder the caller has recognised as its own (a run written before markers existed)."""
+    _write_marker(path, kind, command)
+
+
 def empty_folder(path: Path, kind: str, keep: tuple[str, ...] = (MARKER, LOCK)) -> None:
     """Remove what a folder of our own `kind` holds (but its marker and lock)."""
     if not is_ours(path, kind):

@@ -29,6 +29,8 @@ from blt.errors import BltError
 from blt.inference.sampling import StopChecker, check_generation_args
 from blt.training import data as data_module
 from blt.training.data import read_documents
+from blt.training.loop import TrainConfig
+from blt.training.recipes import train_entropy
 from blt.weights import load_blt
 from tests.helpers import TEXT, tiny_config, tiny_entropy_config
 
@@ -367,6 +369,10 @@ api("weights-config-list", lambda tmp: load_blt(_write_model_with(tmp / "m", lam
     '["blt_lm"]'))), "config.json")  # fmt: skip
 api("weights-hf-config-missing-keys", lambda tmp: load_blt(_hf_missing(tmp)), "config.json")
 api("weights-int-keys-consolidated", lambda tmp: load_blt(_consolidated_int_keys(tmp)), "0")
+for field, value in (("max_steps", 0), ("grad_accum", 0), ("lr", float("nan")), ("lr", float("inf")), ("lr", 0.0),
+                     ("batch_size", -1), ("log_every", 0), ("seed", -1), ("max_minutes", float("nan"))):  # fmt: skip
+    api(f"TrainConfig.{field}={value!r}", lambda f=field, v=value: TrainConfig(**{f: v}), field)
+api("train_entropy-max_steps=0", lambda tmp: train_entropy([str(tmp / "x")], tmp / "run", max_steps=0), "max_steps")
 api("data-empty-list", lambda tmp: read_documents([]), "no data")
 api("data-proc-mem", lambda tmp: read_documents(["/proc/self/mem"]), "/proc/self/mem")
 
@@ -502,8 +508,6 @@ def test_resume_honours_max_steps_and_refuses_changes(tmp_path, capsys):
 def test_resume_past_warmup_follows_the_new_schedule(tmp_path):
     """Past the warmup the cosine is re-planned for the new length: from the resumed step on, the learning rate is
     exactly the M-step schedule's (the earlier steps followed the N-step one, so the runs are not equal)."""
-    from blt.training.loop import TrainConfig
-
     data = corpus(tmp_path)
     out = tmp_path / "run"
     assert main(entropy_run(data, out, "--max-steps", 6)) == 0

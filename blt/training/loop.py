@@ -62,6 +62,35 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
 
+    def __post_init__(self):
+        """Refuse degenerate settings (zero steps, zero accumulation, a non-finite learning rate), naming them."""
+        positive = (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_every",
+            "eval_windows",
+            "ckpt_every",
+            "log_every",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BltError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "keep_checkpoints", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise BltError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "beta1", "beta2", "grad_clip", "min_lr_ratio", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise BltError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr == 0:
+            raise BltError("lr must be > 0, got 0")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise BltError(f"max_minutes must be a positive number, got {self.max_minutes!r}")
+
     def lr_at(self, step: int) -> float:
         """Learning-rate multiplier at `step` (0-based): linear warmup, cosine to `min_lr_ratio`."""
         if step < self.warmup_steps:

@@ -20,7 +20,7 @@ from blt.memory import available_cpu_bytes, gib, training_bytes
 from blt.model.blt import init_weights
 from blt.model.patching import build_patcher, threshold_for_mean_patch
 from blt.presets import blt_preset, entropy_preset
-from blt.rundir import claim, clean_temporaries, empty_folder, lock
+from blt.rundir import adopt, claim, clean_temporaries, empty_folder, lock, marker
 from blt.training.checkpoints import latest_checkpoint
 from blt.training.data import (
     PackedSequences,
@@ -47,6 +47,8 @@ def _open_run(out: Path, kind: str, command: str, resume: bool, main: bool = Tru
     training holds it at a time; a run that failed before its first checkpoint starts over."""
     if not main:
         return (_read_run(out) if resume else None), None
+    if resume and (out / "run.json").is_file() and (out / "checkpoints").is_dir() and marker(out) is None:
+        adopt(out, kind, command)  # a run written before folders carried markers
     claim(out, kind, command)
     handle = lock(out)
     clean_temporaries(out)
@@ -267,7 +269,12 @@ def train_blt(
                     f"{saved['model']['patching']['mode']!r}, given {patching!r})"
                 )
         if threshold is not None and saved.get("threshold") is None:
-            given["threshold"] = None  # a calibrated threshold is compared through the model config
+            given["threshold"] = None  # the run calibrated its threshold: compare with the one it found
+            if threshold != saved["model"]["patching"].get("threshold"):
+                raise BltError(
+                    f"--resume cannot change the run in {out}: threshold (calibrated "
+                    f"{saved['model']['patching'].get('threshold')!r}, given {threshold!r})"
+                )
         _refuse_changes(out, saved, {k: v for k, v in given.items() if k not in RESUMABLE})
         data, val_fraction, split = saved["data"], saved["val_fraction"], saved["split"]
         entropy_model = entropy_model or saved["entropy_model"]
