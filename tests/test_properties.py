@@ -12,6 +12,7 @@ import blt
 from blt.config import BLTConfig, PatchingConfig
 from blt.errors import BltError
 from blt.inference.sampling import StopChecker, check_generation_args
+from blt.memory import blt_params
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -60,6 +61,7 @@ def test_accepted_configs_build_and_run_rejected_ones_allocate_nothing(dim, dim_
         return
     torch.manual_seed(0)
     model = blt.BLT(config).eval()
+    assert blt_params(config) == sum(p.numel() for p in model.parameters())  # the memory estimate's count
     ids = blt.encode(b"hello, properties")[None]
     with torch.no_grad():
         logits = model(ids)

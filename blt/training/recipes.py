@@ -16,7 +16,7 @@ from blt.bpe import encode_with_delimiters, load_bpe, train_bpe
 from blt.config import BLTConfig, EntropyModelConfig, PatchingConfig, save_json
 from blt.errors import BltError
 from blt.flops import entropy_model_flops, flops_per_byte
-from blt.memory import available_cpu_bytes, gib, training_bytes
+from blt.memory import available_cpu_bytes, blt_params, entropy_params, gib, training_bytes
 from blt.model.blt import init_weights
 from blt.model.patching import build_patcher, threshold_for_mean_patch
 from blt.presets import blt_preset, entropy_preset
@@ -102,10 +102,8 @@ def _run_settings(out: Path, resume: bool, preset, config_cls, overrides: dict, 
     return config, _train_config(hyper, overrides)
 
 
-def _check_memory(model_cls, config, cfg: TrainConfig, stacks, vocab: int, device, force: bool) -> None:
+def _check_memory(n_params: int, cfg: TrainConfig, stacks, vocab: int, device, force: bool) -> None:
     """Refuse, before allocating anything, a job whose estimated memory exceeds what the device has free."""
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in model_cls(config).parameters())
     need = training_bytes(n_params, cfg.batch_size, stacks, vocab, cfg.seq_len)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
@@ -176,7 +174,7 @@ def train_entropy(
     preset, val_fraction, split = preset or "demo", 0.1 if val_fraction is None else val_fraction, split or "auto"
     config, cfg = _run_settings(out, resume, lambda: entropy_preset(preset), EntropyModelConfig, overrides, saved)
     stacks = [(cfg.seq_len, config.dim, config.hidden_dim, config.n_layers)]
-    _check_memory(EntropyModel, config, cfg, stacks, config.vocab_size, d.device, force)
+    _check_memory(entropy_params(config), cfg, stacks, config.vocab_size, d.device, force)
     train_docs, val_docs = split_documents(read_documents(data), val_fraction, split)
     train_stream, val_stream = build_stream(train_docs), build_stream(val_docs)
     seqs = PackedSequences(train_stream, cfg.seq_len)
@@ -293,7 +291,7 @@ def train_blt(
         (patches, config.dim_global, dims[1], config.n_layers_global),
         (cfg.seq_len, config.dim_local_decoder, dims[2], config.n_layers_local_decoder),
     ]
-    _check_memory(BLT, config, cfg, stacks, config.vocab_size, d.device, force)
+    _check_memory(blt_params(config), cfg, stacks, config.vocab_size, d.device, force)
     cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     if cache_dir.exists() and not cache_dir.is_dir():
         raise BltError(f"the cache folder {cache_dir} is a file")
