@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +30,118 @@ from blt.weights import convert, load_blt
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+MAX_SEED = 2**63 - 1
+
+
+# ---- argument types: a bad value is refused at parse time, naming it -----------------------------------
+def _number(kind, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def seed_int(text: str) -> int:
+    value = _number(int, text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed in [0, 2**63 - 1]")
+    return value
+
+
+def finite_float(text: str) -> float:
+    return _number(float, text)
+
+
+def positive_float(text: str) -> float:
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number >= 0")
+    return value
+
+
+def probability(text: str) -> float:
+    value = _number(float, text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability in (0, 1]")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1)")
+    return value
+
+
+def temperature(text: str) -> float:
+    value = _number(float, text)
+    if value != 0 and not 1e-4 <= value <= 1e4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 0 (greedy) or a temperature in [1e-4, 1e4]")
+    return value
+
+
+def device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N or mps)")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+    if text.startswith("cuda:") and int(text[5:]) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA devices")
+    if text == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError("'mps' is not available on this machine")
+    return text
+
+
+def stop_bytes(text: str) -> bytes:
+    r"""A --stop string with escapes: \n \t \r \\ and \xNN (any byte); other characters as UTF-8 (or the
+    bytes the shell gave)."""
+    raw, out, i = os.fsencode(text), bytearray(), 0
+    escapes = {ord("n"): 10, ord("t"): 9, ord("r"): 13, ord("\\"): 92, ord("0"): 0}
+    while i < len(raw):
+        if raw[i] == 92 and i + 1 < len(raw):
+            c = raw[i + 1]
+            if c in escapes:
+                out.append(escapes[c])
+                i += 2
+                continue
+            if c == ord("x"):
+                digits = raw[i + 2 : i + 4]
+                if len(digits) != 2 or not re.fullmatch(rb"[0-9a-fA-F]{2}", digits):
+                    raise argparse.ArgumentTypeError(f"{text!r}: \\x needs two hex digits")
+                out.append(int(digits, 16))
+                i += 4
+                continue
+        out.append(raw[i])
+        i += 1
+    if not out:
+        raise argparse.ArgumentTypeError("a --stop string cannot be empty")
+    return bytes(out)
+
+
+def _read_stdin() -> bytes:
+    if sys.stdin is None or sys.stdin.closed:
+        raise BltError("stdin is closed; give the text as an argument or a file")
+    try:
+        return sys.stdin.buffer.read()
+    except (OSError, ValueError) as e:
+        raise BltError(f"cannot read stdin: {e}") from None
 
 
 def _convert(args) -> None:
@@ -44,33 +158,42 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         help="text files, directories or globs (.txt, .jsonl with a 'text' field, .gz, any bytes)",
     )
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl and the final model")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps (default: the preset's)")
     p.add_argument(
-        "--max-minutes", type=float, help="stop after this much training time (a checkpoint and the model are written)"
+        "--max-minutes",
+        type=positive_float,
+        help="stop after this much training time (a checkpoint and the model are written)",
     )
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (summed over ranks)")
-    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
-    p.add_argument("--seq-len", type=int, help="bytes per training sequence")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--eval-every", type=int, help="validate every N steps")
-    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps")
-    p.add_argument("--log-every", type=int, help="write metrics every N steps")
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help=(
+            "continue the run in --out from its last checkpoint; --max-steps, --max-minutes and the "
+            "--*-every cadences apply, flags that would change the model or the data must equal the saved run's"
+        ),
+    )
+    p.add_argument("--batch-size", type=positive_int, help="sequences per optimizer step (summed over ranks)")
+    p.add_argument("--grad-accum", type=positive_int, help="gradient accumulation steps")
+    p.add_argument("--seq-len", type=positive_int, help="bytes per training sequence")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=positive_int)
+    p.add_argument("--eval-every", type=positive_int, help="validate every N steps")
+    p.add_argument("--ckpt-every", type=positive_int, help="checkpoint every N steps")
+    p.add_argument("--log-every", type=positive_int, help="write metrics every N steps")
+    p.add_argument("--seed", type=seed_int)
     p.add_argument(
         "--patience",
-        type=int,
+        type=positive_int,
         help="stop after this many validations without a better validation bpb (default: train to --max-steps)",
     )
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share (default 0.1)")
+    p.add_argument("--val-fraction", type=fraction, help="held-out share (default 0.1)")
     p.add_argument(
         "--split",
         choices=["auto", "document", "tail"],
-        default="auto",
-        help="hold out whole documents, or the tail of each (auto: documents when there are >= 20)",
+        help="hold out whole documents, or the tail of each (auto, the default: documents when there are >= 20)",
     )
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=device, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="train even when the memory estimate exceeds what is free")
 
 
 def _overrides(args) -> dict:
@@ -100,6 +223,7 @@ def _train_entropy(args) -> None:
         val_fraction=args.val_fraction,
         split=args.split,
         device=args.device,
+        force=args.force,
         **_overrides(args),
     )
     if result:
@@ -124,6 +248,7 @@ def _train(args) -> None:
         bpe_vocab=args.bpe_vocab,
         cache_dir=args.cache_dir,
         device=args.device,
+        force=args.force,
         **_overrides(args),
     )
     if result and "bpb" in result:
@@ -164,6 +289,8 @@ def _flops(args) -> None:
             raw = json.loads(open(args.config).read())
         except json.JSONDecodeError as e:
             raise BltError(f"{args.config} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise BltError(f"{args.config} must hold a JSON object (a BLT config), not {type(raw).__name__}")
         raw.pop("model_type", None)
         config, entropy = BLTConfig.from_dict(raw), None
     patch = args.mean_patch_bytes or config.patching.patch_size
@@ -181,9 +308,10 @@ def _demo(args) -> None:
 
 def _generate(args) -> None:
     model = _load_blt(args, args.device)
-    prompt = (
-        sys.stdin.buffer.read() if args.prompt == "-" else os.fsencode(args.prompt)
-    )  # bytes as given, even invalid UTF-8
+    prompt = _read_stdin() if args.prompt == "-" else os.fsencode(args.prompt)  # bytes as given, even invalid UTF-8
+    limit = model.config.max_encoder_seq_length
+    if len(prompt) + 2 > limit:  # checked before any forward pass
+        raise BltError(f"the prompt has {len(prompt)} bytes; this model reads at most {limit} (max_encoder_seq_length)")
     out = sys.stdout.buffer
     decoder = StreamDecoder()
     kwargs = dict(
@@ -211,12 +339,15 @@ def _generate(args) -> None:
 def _score(args) -> None:
     model = _load_blt(args, args.device)
     if args.file == "-":
-        data = sys.stdin.buffer.read()
+        data = _read_stdin()
     else:
         try:
             data = open(args.file, "rb").read()
         except FileNotFoundError:
             raise BltError(f"{args.file}: no such file") from None
+    limit = model.config.max_encoder_seq_length
+    if args.max_forward is not None and args.max_forward > limit:
+        raise BltError(f"--max-forward {args.max_forward} exceeds this model's max_encoder_seq_length {limit}")
     logp, is_byte = score(model, data, args.max_forward)
     n_bytes = int(is_byte.sum())
     bpb = float(-logp.sum() / max(n_bytes, 1))
@@ -250,6 +381,8 @@ def _compare(args) -> None:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError:
         raise BltError(f"--budgets must be comma-separated numbers such as 1e13,3e13, got {args.budgets!r}") from None
+    if not budgets or not all(math.isfinite(b) and b > 0 for b in budgets):
+        raise BltError(f"--budgets must be positive finite FLOP counts such as 1e13,3e13, got {args.budgets!r}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     run_compare(
         args.data,
@@ -282,6 +415,8 @@ def _patch(args) -> None:
         raise BltError("give a TEXT or --file")
     if not data:
         raise BltError("nothing to patch: the text is empty")
+    if args.png and not args.png.lower().endswith(".png"):
+        raise BltError(f"--png writes a PNG image: name it FILE.png, got {args.png!r}")
     text, byte_starts, byte_entropy, threshold = patch_view(model, data)
     print(terminal(text, byte_starts, color=sys.stdout.isatty() and not args.no_color))
     n = sum(byte_starts)
@@ -298,10 +433,15 @@ def _patch(args) -> None:
         patch_png(args.png, text, byte_starts, byte_entropy, threshold)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one line on stderr (not the usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="blt", description="Byte Latent Transformer: train, evaluate, generate, inspect."
-    )
+    parser = _Parser(prog="blt", description="Byte Latent Transformer: train, evaluate, generate, inspect.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -330,7 +470,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         choices=list(ENTROPY_PRESETS),
-        default="demo",
         help="model size and its training defaults (default: demo)",
     )
     p.set_defaults(func=_train_entropy)
@@ -346,16 +485,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_training_options(p)
     p.add_argument("--entropy-model", help="entropy model directory (needed for --patching entropy)")
-    p.add_argument("--patching", choices=["entropy", "static", "space", "bpe", "byte"], default="entropy")
+    p.add_argument("--patching", choices=["entropy", "static", "space", "bpe", "byte"], help="(default: entropy)")
     p.add_argument(
-        "--target-patch-bytes", type=float, default=4.5, help="mean patch size to calibrate to (static: the stride)"
+        "--target-patch-bytes",
+        type=positive_float,
+        help="mean patch size to calibrate to (static: the stride; default 4.5)",
     )
-    p.add_argument("--threshold", type=float, help="entropy threshold (skips calibration)")
-    p.add_argument("--bpe-vocab", type=int, default=1024, help="vocabulary of the BPE tokenizer for --patching bpe")
+    p.add_argument("--threshold", type=finite_float, help="entropy threshold (skips calibration)")
+    p.add_argument(
+        "--bpe-vocab", type=positive_int, help="vocabulary of the BPE tokenizer for --patching bpe (default 1024)"
+    )
     p.add_argument(
         "--preset",
         choices=list(BLT_PRESETS),
-        default="demo",
         help="model size and its training defaults (default: demo)",
     )
     p.add_argument("--cache-dir", help="where entropies are cached (default: ~/.cache/blt)")
@@ -375,9 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="score everything (default) or one side of the training split",
     )
-    p.add_argument("--seq-len", type=int, help="bytes per scored window (default: the training sequence length)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device")
+    p.add_argument(
+        "--seq-len", type=positive_int, help="bytes per scored window (default: the training sequence length)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--device", type=device)
     p.add_argument("--cache-dir", help="where entropies are cached (default: ~/.cache/blt)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
@@ -394,8 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="model directory")
     src.add_argument("--config", help="a BLT config.json")
-    p.add_argument("--seq-bytes", type=int, default=4096, help="bytes per sequence (default 4096)")
-    p.add_argument("--mean-patch-bytes", type=float, help="mean patch size (default: the config's patch_size)")
+    p.add_argument("--seq-bytes", type=positive_int, default=4096, help="bytes per sequence (default 4096)")
+    p.add_argument("--mean-patch-bytes", type=positive_float, help="mean patch size (default: the config's patch_size)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_flops)
 
@@ -410,9 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
             "models, patches.html, patches.png and loss.png to --out."
         ),
     )
-    p.add_argument("--out", default="runs/demo", help="output directory (replaced if it exists; default runs/demo)")
-    p.add_argument("--entropy-steps", type=int, default=300)
-    p.add_argument("--blt-steps", type=int, default=220)
+    p.add_argument(
+        "--out",
+        default="runs/demo",
+        help="output directory (default runs/demo); an earlier demo run there is replaced, any other folder refused",
+    )
+    p.add_argument("--entropy-steps", type=positive_int, default=300)
+    p.add_argument("--blt-steps", type=positive_int, default=220)
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(
@@ -427,20 +575,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--final", action="store_true", help="use the last weights even when the run kept best/")
     p.add_argument("prompt", help='the prompt ("" starts from BOS; - reads stdin)')
-    p.add_argument("--max-new-bytes", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-bytes", type=positive_int, default=256)
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=positive_int)
+    p.add_argument("--top-p", type=probability)
+    p.add_argument("--seed", type=seed_int)
     p.add_argument(
-        "--stop", action="append", help="stop when the output ends with this string (repeatable; not printed)"
+        "--stop",
+        action="append",
+        type=stop_bytes,
+        help=r"stop when the output ends with these bytes (repeatable; not printed); escapes: \n \t \r \\ \xNN",
     )
     p.add_argument("--no-stop-at-eos", action="store_true", help="never produce EOS; generate --max-new-bytes")
     p.add_argument(
         "--raw", action="store_true", help="write the new bytes as they are (no prompt echo, no UTF-8 decoding)"
     )
     p.add_argument("--no-prompt", action="store_true", help="do not echo the prompt")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser(
@@ -457,11 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-byte", action="store_true", help="print offset, byte, character and log2 p for every byte")
     p.add_argument(
         "--max-forward",
-        type=int,
+        type=positive_int,
         help="longest text scored in one forward pass (default: the model's max_encoder_seq_length)",
     )
     p.add_argument("--json", action="store_true")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device)
     p.set_defaults(func=_score)
 
     p = sub.add_parser(
@@ -481,13 +632,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)} (default: all)"
     )
     p.add_argument("--out", required=True)
-    p.add_argument("--seq-len", type=int, default=512, help="bytes per training sequence (default 512)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--bpe-vocab", type=int, default=1024, help="BPE vocabulary of the token baseline (default 1024)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seq-len", type=positive_int, default=512, help="bytes per training sequence (default 512)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument(
+        "--bpe-vocab", type=positive_int, default=1024, help="BPE vocabulary of the token baseline (default 1024)"
+    )
+    p.add_argument("--val-fraction", type=fraction, default=0.1)
     p.add_argument("--split", choices=["auto", "document", "tail"], default="auto")
     p.add_argument(
-        "--entropy-steps", type=int, default=300, help="training steps of the entropy model (shared by all budgets)"
+        "--entropy-steps",
+        type=positive_int,
+        default=300,
+        help="training steps of the entropy model (shared by all budgets)",
     )
     p.add_argument("--title", help="report title")
     p.add_argument(
@@ -528,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     except BltError as e:
         print(f"blt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+    except OSError as e:  # a path the user named: missing, forbidden, a disk that is full
         print(f"blt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as e:

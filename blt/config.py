@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,47 @@ from blt.errors import BltError
 from blt.tokenizer import VOCAB_SIZE
 
 PATCHING_MODES = ("entropy", "static", "space", "bpe", "byte")
+
+
+# float fields that may be zero or negative (all other numbers must be > 0)
+SIGNED_FLOATS = {"threshold", "threshold_add"}
+MAX_INT = 2**40  # far beyond any real width or length, small enough that products stay exact
+
+
+def check_fields(obj) -> None:
+    """Every field of a config dataclass has its declared type and a usable value: ints are ints (not bools
+    or strings) >= 1, floats finite (and > 0 but for SIGNED_FLOATS), bools bools, lists of ints lists of
+    positive ints; `| None` fields may be None. The message names the field and the value."""
+    where = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        value, kinds = getattr(obj, f.name), {k.strip() for k in str(f.type).split("|")}
+        if value is None:
+            if "None" not in kinds:
+                raise BltError(f"{where}.{f.name} must be set, got null")
+            continue
+        if "bool" in kinds:
+            ok = isinstance(value, bool)
+        elif "int" in kinds:
+            ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_INT
+        elif "float" in kinds:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (f.name in SIGNED_FLOATS or value > 0)
+        elif "str" in kinds:
+            ok = isinstance(value, str)
+        elif "list[int]" in kinds:
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 64 for n in value
+            )
+        else:
+            continue
+        if not ok:
+            want = next(iter(kinds - {"None"}))
+            rule = {
+                "int": "an integer >= 1",
+                "float": "a finite number" if f.name in SIGNED_FLOATS else "a finite number > 0",
+                "list[int]": "a list of integers in [1, 64]",
+            }
+            raise BltError(f"{where}.{f.name} must be {rule.get(want, 'a ' + want)}, got {value!r}")
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: float | None = None) -> int:
@@ -43,6 +85,7 @@ class PatchingConfig:
     max_patch_length: int | None = None
 
     def __post_init__(self):
+        check_fields(self)
         if self.mode not in PATCHING_MODES:
             raise BltError(f"unknown patching mode {self.mode!r}; valid modes: {', '.join(PATCHING_MODES)}")
         if self.mode == "static" and (self.patch_size < 1 or self.patch_size != int(self.patch_size)):
@@ -70,6 +113,7 @@ class EntropyModelConfig:
     document_mask: bool = True  # no attention across EOS (the release's "local_block_causal")
 
     def __post_init__(self):
+        check_fields(self)
         _check_heads("entropy model", self.dim, self.n_heads, self.n_kv_heads)
 
     @property
@@ -132,6 +176,9 @@ class BLTConfig:
     def __post_init__(self):
         if isinstance(self.patching, dict):
             self.patching = _from_dict(PatchingConfig, self.patching)
+        if not isinstance(self.patching, PatchingConfig):
+            raise BltError(f"BLTConfig.patching must be a patching object, got {self.patching!r}")
+        check_fields(self)
         self.encoder_hash_byte_group_size = [int(n) for n in self.encoder_hash_byte_group_size]
         _check_heads("local encoder", self.dim_local_encoder, self.n_heads_local_encoder, self.n_kv_heads)
         _check_heads("global transformer", self.dim_global, self.n_heads_global, self.n_kv_heads_global)
@@ -194,6 +241,8 @@ def _check_heads(what: str, dim: int, n_heads: int, n_kv_heads: int | None) -> N
 
 
 def _from_dict(cls, d: dict[str, Any]):
+    if not isinstance(d, dict):
+        raise BltError(f"a {cls.__name__} must be a JSON object, got {type(d).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:

@@ -10,7 +10,7 @@ PACKAGE = Path(blt.__file__).parent
 
 # bottom to top; a module may import from its own layer or the ones below
 LAYERS = [
-    {"blt.errors", "blt.tokenizer", "blt.config", "blt.bpe", "blt.presets", "blt.flops"},
+    {"blt.errors", "blt.tokenizer", "blt.config", "blt.bpe", "blt.presets", "blt.flops", "blt.memory", "blt.rundir"},
     {"blt.model"},
     {"blt.inference"},
     {"blt.weights"},

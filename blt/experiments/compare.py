@@ -19,9 +19,9 @@ model's forward pass over the training bytes (its own training, shared by all bu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from blt.experiments.noise import PERTURBATIONS, perturb
 from blt.flops import entropy_model_flops, flops_per_byte
 from blt.model.blt import init_weights
 from blt.model.patching import EntropyPatcher, SpacePatcher, StaticPatcher, threshold_for_mean_patch
+from blt.rundir import claim, remove_own
 from blt.training.data import Document, PackedSequences, build_stream, read_documents, split_documents, stream_entropies
 from blt.training.evaluate import evaluate_stream
 from blt.training.loop import TrainConfig, train_loop
@@ -230,8 +231,8 @@ class Workspace:
     def _entropy_model(self, data, steps, val_fraction, split) -> EntropyModel:
         path = self.out / "entropy"
         if not (path / "model.safetensors").exists():
-            if path.exists():
-                shutil.rmtree(path)
+            remove_own(path, "compare-entropy")
+            claim(path, "compare-entropy", "blt compare")
             torch.manual_seed(0)
             model = EntropyModel(ENTROPY_CONFIG)
             init_weights(model)
@@ -257,8 +258,8 @@ class Workspace:
         summary = out / "summary.json"
         if summary.exists():
             return json.loads(summary.read_text())
-        if out.exists():
-            shutil.rmtree(out)  # an unfinished run starts over: its budget is spent in one go
+        remove_own(out, "compare-run")  # an unfinished run starts over: its budget is spent in one go
+        claim(out, "compare-run", "blt compare")
         cfg = TrainConfig(
             seq_len=seq_len,
             batch_size=batch_size,
@@ -374,6 +375,38 @@ class Workspace:
         return scores
 
 
+def check_fingerprint(out: Path, data, seq_len, batch_size, bpe_vocab, val_fraction, split, entropy_steps) -> None:
+    """Results in `out` are reused only when computed on the same data with the same settings: the first run
+    writes `fingerprint.json` (a hash of every document and the settings); a later one must match it."""
+    h = hashlib.sha256()
+    for d in read_documents(data):
+        h.update(hashlib.sha256(d.data).digest())
+    now = {
+        "data_sha256": h.hexdigest(),
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "bpe_vocab": bpe_vocab,
+        "val_fraction": val_fraction,
+        "split": split,
+        "entropy_steps": entropy_steps,
+    }
+    path = out / "fingerprint.json"
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+        except ValueError:
+            before = {}
+        diffs = [f"{k} (stored {before.get(k)!r}, now {v!r})" for k, v in now.items() if before.get(k) != v]
+        if diffs:
+            raise BltError(
+                f"{out} holds results computed with other data or settings: {'; '.join(diffs)}; choose another --out"
+            )
+    elif any(p.name not in (".blt-run", "fingerprint.json") for p in out.iterdir()):
+        raise BltError(f"{out} holds results without a fingerprint of their data; choose another --out")
+    else:
+        path.write_text(json.dumps(now, indent=2) + "\n")
+
+
 def run_compare(
     data: list[str],
     budgets: list[float],
@@ -397,6 +430,8 @@ def run_compare(
     if not budgets or any(b <= 0 for b in budgets):
         raise BltError("budgets must be positive FLOP counts, e.g. 1e13,3e13")
     out = Path(out)
+    claim(out, "compare", "blt compare")  # refuses a folder compare did not make
+    check_fingerprint(out, data, seq_len, batch_size, bpe_vocab, val_fraction, split, entropy_steps)
     ws = Workspace(data, out, seq_len, bpe_vocab, val_fraction, split, entropy_steps, progress)
     plans = [
         plan(m, b, ws.stats, seq_len, batch_size) for b in sorted(budgets) for m in models

@@ -9,13 +9,13 @@ lands in `runs/demo/`, and every step is one of the `blt` commands, so the run c
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from blt.experiments.corpus import stdlib_corpus
 from blt.experiments.visualize import loss_curves_png, patch_html, patch_png, patch_view
+from blt.rundir import claim, is_ours
 from blt.training.data import build_stream, read_documents, split_documents
 from blt.training.evaluate import unigram_bpb
 from blt.training.recipes import train_blt, train_entropy
@@ -42,9 +42,9 @@ def run_demo(
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     start = time.time()
     out = Path(out)
-    if out.exists():
+    if out.exists() and is_ours(out, "demo"):
         say(f"replacing the previous demo run in {out}")
-        shutil.rmtree(out)
+    claim(out, "demo", "blt demo", replace=True)  # refuses any folder the demo did not make
     corpus = write_corpus(out / "corpus", corpus_bytes)
     docs = read_documents([corpus])
     train_docs, val_docs = split_documents(docs)

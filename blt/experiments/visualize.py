@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,9 +59,16 @@ def characters(data: bytes) -> list[tuple[int, int, str | None]]:
 
 
 def _shown(text: str | None, byte: int) -> str:
+    """A character as it may reach a terminal: invalid UTF-8 and control characters (ESC, NUL, the C1
+    range, DEL, ...) as visible \\xNN / \\u escapes, so no byte of the input can drive the terminal."""
     if text is None:
         return f"\\x{byte:02x}"
-    return {"\n": "↵\n", "\t": "⇥", "\r": "␍"}.get(text, text)
+    special = {"\n": "↵\n", "\t": "⇥", "\r": "␍"}
+    if text in special:
+        return special[text]
+    if len(text) == 1 and unicodedata.category(text) in ("Cc", "Cf", "Zl", "Zp", "Cs"):
+        return f"\\x{ord(text):02x}" if ord(text) < 0x100 else f"\\u{ord(text):04x}"
+    return text
 
 
 def patch_groups(data: bytes, starts: Sequence[bool]) -> list[list[tuple[int, int, str | None]]]:

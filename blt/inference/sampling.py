@@ -3,6 +3,7 @@ generator per row, and stop strings."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -12,17 +13,38 @@ from blt.tokenizer import BOE_ID, BOS_ID, BPE_ID, EOS_ID, OFFSET, VOCAB_SIZE, to
 
 
 def check_generation_args(prompts, max_new_bytes: int, temperature: float, top_k, top_p) -> list[bytes]:
+    """The prompts as bytes, after refusing any argument that could not generate sensibly (naming it)."""
     if isinstance(prompts, (str, bytes, bytearray)):
         raise BltError("prompts must be a list of str or bytes (wrap a single prompt in a list)")
-    if not isinstance(max_new_bytes, int) or max_new_bytes <= 0:
+    if not isinstance(prompts, (list, tuple)):
+        raise BltError(f"prompts must be a list of str or bytes, got {type(prompts).__name__}")
+    if not prompts:
+        raise BltError("prompts is an empty list: give at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (str, bytes, bytearray)):
+            raise BltError(f"prompts[{i}] must be str or bytes, got {type(p).__name__}")
+    if not _is_int(max_new_bytes) or max_new_bytes <= 0:
         raise BltError(f"max_new_bytes must be a positive integer, got {max_new_bytes!r}")
-    if temperature < 0:
-        raise BltError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise BltError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise BltError(f"top_p must be in (0, 1], got {top_p}")
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise BltError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise BltError(f"temperature {temperature!r} is too small to sample with; use 0 for greedy")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise BltError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise BltError(f"top_p must be in (0, 1], got {top_p!r}")
     return [to_bytes(p) for p in prompts]
+
+
+MIN_TEMPERATURE = 1e-4  # below it logits / temperature overflow float32
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def allowed_ids(stop_at_eos: bool, bpe: bool, device=None) -> torch.Tensor:
@@ -71,9 +93,17 @@ def sample_next(
 
 class StopChecker:
     """Ends a row at EOS or when its new bytes end with one of the stop strings (which is cut off).
-    While streaming, bytes that may be the start of a stop string are held back until they are not."""
+    While streaming, bytes that may be the start of a stop string are held back until they are not.
+    `stop` is one string (str or bytes) or a sequence of them; a str is matched as its UTF-8 bytes."""
 
-    def __init__(self, stop: Sequence[str | bytes] | None):
+    def __init__(self, stop: str | bytes | Sequence[str | bytes] | None):
+        if isinstance(stop, (str, bytes, bytearray)):
+            stop = [stop]
+        elif stop is not None and not isinstance(stop, (list, tuple)):
+            raise BltError(f"stop must be a str, bytes or a list of them, got {type(stop).__name__}")
+        for s in stop or []:
+            if not isinstance(s, (str, bytes, bytearray)):
+                raise BltError(f"each stop string must be str or bytes, got {s!r}")
         self.stops = [to_bytes(s) for s in (stop or []) if s]
 
     def cut(self, new: bytes) -> int | None:

@@ -14,10 +14,10 @@
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,9 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     files: list[Path] = []
     for p in paths:
         p = str(p)
-        matches = sorted(glob.glob(p, recursive=True)) if any(c in p for c in "*?[") else [p]
+        # a path that exists is that path, even with glob characters in its name; only others are globs
+        literal = os.path.lexists(p) or not any(c in p for c in "*?[")
+        matches = [p] if literal else sorted(glob.glob(p, recursive=True))
         if not matches:
             raise BltError(f"no file matches {p}")
         for m in map(Path, matches):
@@ -62,14 +64,43 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
+MAX_FILE_BYTES = 1 << 32  # 4 GiB: larger files (or gzip files inflating beyond it) are refused
+
+
 def _read_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise BltError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
+        with open(path, "rb") as f:  # in blocks: files such as /proc/... report no size
+            blocks, size = [], 0
+            while size <= MAX_FILE_BYTES and (block := f.read(1 << 24)):
+                blocks.append(block)
+                size += len(block)
+            data = b"".join(blocks)
+    except OSError as e:
+        raise BltError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise BltError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
     if path.suffix == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
-            raise BltError(f"{path} is not a valid gzip file: {e}") from None
+        data = _gunzip(path, data)
     return data
+
+
+def _gunzip(path: Path, data: bytes) -> bytes:
+    """Every member of a gzip file, refusing to inflate beyond MAX_FILE_BYTES (a gzip bomb)."""
+    out, rest = [], data
+    try:
+        while rest:
+            d = zlib.decompressobj(wbits=31)
+            out.append(d.decompress(rest, MAX_FILE_BYTES + 1 - sum(map(len, out))))
+            if d.unconsumed_tail or sum(map(len, out)) > MAX_FILE_BYTES:
+                raise BltError(f"{path} inflates to more than {MAX_FILE_BYTES} bytes (a gzip bomb?)")
+            if not d.eof:
+                raise BltError(f"{path} is not a valid gzip file: truncated")
+            rest = d.unused_data
+    except zlib.error as e:
+        raise BltError(f"{path} is not a valid gzip file: {e}") from None
+    return b"".join(out)
 
 
 def read_documents(paths: Sequence[str | os.PathLike]) -> list[Document]:
@@ -100,6 +131,8 @@ def _jsonl_documents(path: Path, data: bytes) -> list[Document]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise BltError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise BltError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise BltError(f"{path}:{n}: no string 'text' field")
@@ -241,7 +274,7 @@ def stream_entropies(
     return out
 
 
-def _entropy_model_digest(entropy_model) -> str:
+def entropy_model_digest(entropy_model) -> str:
     h = hashlib.sha256(json.dumps(entropy_model.config.to_dict(), sort_keys=True).encode())
     for name, t in sorted(entropy_model.state_dict().items()):
         h.update(name.encode())
@@ -253,13 +286,19 @@ def cached_entropies(
     entropy_model, stream: np.ndarray, cache_dir: str | os.PathLike, progress: bool = False
 ) -> np.ndarray:
     """`stream_entropies`, computed once and memory-mapped from `cache_dir` afterwards."""
-    key = _entropy_model_digest(entropy_model) + "-" + hashlib.sha256(stream.tobytes()).hexdigest()[:16]
+    key = entropy_model_digest(entropy_model) + "-" + hashlib.sha256(stream.tobytes()).hexdigest()[:16]
     cache_dir = Path(cache_dir)
     path = cache_dir / f"entropies-{key}.npy"
     if not path.exists():
         values = stream_entropies(entropy_model, stream, progress=progress)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, values)
-        os.replace(tmp, path)
+        if cache_dir.exists() and not cache_dir.is_dir():
+            raise BltError(f"the cache folder {cache_dir} is a file")
+        tmp = cache_dir / f".tmp-{path.stem}-{os.getpid()}.npy"
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            np.save(tmp, values)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise BltError(f"could not write the entropy cache {path}: {e.strerror or e}") from None
     return np.load(path, mmap_mode="r")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from blt.errors import BltError
-from blt.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from blt.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, usable_checkpoint
 from blt.training.data import PackedSequences, batch_indices
 from blt.training.distributed import Dist, any_rank, mean_across_ranks
 
@@ -63,6 +63,35 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
 
+    def __post_init__(self):
+        """Refuse degenerate settings (zero steps, zero accumulation, a non-finite learning rate), naming them."""
+        positive = (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_every",
+            "eval_windows",
+            "ckpt_every",
+            "log_every",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BltError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "keep_checkpoints", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise BltError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "beta1", "beta2", "grad_clip", "min_lr_ratio", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise BltError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr == 0:
+            raise BltError("lr must be > 0, got 0")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise BltError(f"max_minutes must be a positive number, got {self.max_minutes!r}")
+
     def lr_at(self, step: int) -> float:
         """Learning-rate multiplier at `step` (0-based): linear warmup, cosine to `min_lr_ratio`."""
         if step < self.warmup_steps:
@@ -84,15 +113,33 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def log_metrics(out: Path, record: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise BltError(f"could not write {out / 'metrics.jsonl'}: {e.strerror or e}") from None
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _truncate_metrics(out: Path, step: int) -> None:
-    """Forget what was logged after the checkpoint a run resumes from."""
+    """Forget what was logged after the checkpoint a run resumes from, and the previous final validation (the
+    resumed run logs its own); a damaged log is cut at its last complete line."""
     path = out / "metrics.jsonl"
     if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            record = _parse(line)
+            if record is None:
+                break  # a torn write: everything after it is suspect
+            if record.get("step", 0) <= step and not record.get("final"):
+                kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -127,7 +174,7 @@ def train_loop(
     step, position, elapsed_before = 0, 0, 0.0
     watch = ValidationWatch(cfg.patience)
     if resume:
-        ckpt = latest_checkpoint(out)
+        ckpt = usable_checkpoint(out) if d.main or d.world == 1 else latest_checkpoint(out)
         if ckpt is None:
             raise BltError(f"{out} holds no checkpoint to resume from")
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
@@ -168,6 +215,13 @@ def train_loop(
                     loss = forward(ddp, batch) / cfg.grad_accum
                 loss.backward()
                 total += loss.detach().item()
+            if not math.isfinite(total):
+                kept = latest_checkpoint(out)
+                raise BltError(
+                    f"the loss is {total} at step {step + 1}; training stopped "
+                    f"({f'the last good checkpoint is {kept}' if kept else 'no checkpoint was written'}; "
+                    "try a lower --lr)"
+                )
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()

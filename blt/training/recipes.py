@@ -18,15 +18,18 @@ from blt.bpe import encode_with_delimiters, load_bpe, train_bpe
 from blt.config import BLTConfig, EntropyModelConfig, PatchingConfig, save_json
 from blt.errors import BltError
 from blt.flops import entropy_model_flops, flops_per_byte
+from blt.memory import available_cpu_bytes, blt_params, entropy_params, gib, training_bytes
 from blt.model.blt import init_weights
 from blt.model.patching import build_patcher, threshold_for_mean_patch
 from blt.presets import blt_preset, entropy_preset
+from blt.rundir import adopt, claim, clean_temporaries, empty_folder, lock, marker
 from blt.training.checkpoints import latest_checkpoint
 from blt.training.data import (
     PackedSequences,
     build_stream,
     cached_entropies,
     count_bytes,
+    entropy_model_digest,
     read_documents,
     split_documents,
 )
@@ -42,25 +45,88 @@ BEST = "best"  # beside the final model: the weights of the best validation poin
 MAX_PARAMS_PER_BYTE = 1.0
 
 
-def _prepare_run_dir(out: Path, resume: bool) -> dict | None:
-    """The saved run description when resuming; refuse to overwrite an existing run otherwise."""
-    run_file = out / "run.json"
+RESUMABLE = (
+    "max_steps",
+    "max_minutes",
+    "eval_every",
+    "ckpt_every",
+    "log_every",
+    "patience",
+)  # a resumed run honours these
+
+
+def _open_run(out: Path, kind: str, command: str, resume: bool, main: bool = True):
+    """(saved run description or None, lock handle). The folder must be ours (or new, or empty); one
+    training holds it at a time; a run that failed before its first checkpoint starts over."""
+    if not main:
+        return (_read_run(out) if resume else None), None
+    if resume and (out / "run.json").is_file() and (out / "checkpoints").is_dir() and marker(out) is None:
+        adopt(out, kind, command)  # a run written before folders carried markers
+    claim(out, kind, command)
+    handle = lock(out)
+    clean_temporaries(out)
+    has_checkpoint = latest_checkpoint(out) is not None
     if resume:
-        if not run_file.is_file() or latest_checkpoint(out) is None:
+        if not (out / "run.json").is_file() or not has_checkpoint:
+            handle.close()
             raise BltError(f"{out} holds no checkpoint to resume from")
-        return json.loads(run_file.read_text())
-    if run_file.exists() or (out / "checkpoints").exists():
+        return _read_run(out), handle
+    if has_checkpoint:
+        handle.close()
         raise BltError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    return None
+    empty_folder(out, kind)  # what a run that failed before its first checkpoint left behind
+    return None, handle
 
 
-def _run_settings(out: Path, resume: bool, preset, config_cls, overrides: dict):
-    """(saved run description or None, model config, training config): a resumed run keeps its own."""
-    saved = _prepare_run_dir(out, resume)
+def _read_run(out: Path) -> dict:
+    try:
+        saved = json.loads((out / "run.json").read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
+            raise ValueError("not a run description")
+        return saved
+    except (OSError, ValueError) as e:
+        raise BltError(f"{out / 'run.json'} is unreadable or corrupt ({e}); the run cannot be resumed") from None
+
+
+def _refuse_changes(out: Path, saved: dict, given: dict) -> None:
+    """Refuse a resume whose settings (model, data stream) differ from the saved run's, naming each."""
+    diffs = []
+    for key, value in given.items():
+        if value is None:
+            continue
+        before = saved["train"].get(key) if key in saved["train"] else saved.get(key)
+        if before is None and key not in saved["train"] and key not in saved:
+            continue  # a run written before this setting was recorded
+        if before != value:
+            diffs.append(f"{key} (saved {before!r}, given {value!r})")
+    if diffs:
+        raise BltError(f"--resume cannot change the run in {out}: " + "; ".join(diffs))
+
+
+def _run_settings(out: Path, resume: bool, preset, config_cls, overrides: dict, saved: dict | None):
+    """(model config, training config): a resumed run keeps its own, but for the flags it can honour."""
     if saved:
-        return saved, config_cls.from_dict(saved["model"]), TrainConfig(**saved["train"])
+        fixed = {k: v for k, v in overrides.items() if k not in RESUMABLE}
+        _refuse_changes(out, saved, fixed)
+        cfg = TrainConfig(**saved["train"])
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if k in RESUMABLE and v is not None})
+        return config_cls.from_dict(saved["model"]), cfg
     config, hyper = preset()
-    return None, config, _train_config(hyper, overrides)
+    return config, _train_config(hyper, overrides)
+
+
+def _check_memory(n_params: int, cfg: TrainConfig, stacks, vocab: int, device, force: bool) -> None:
+    """Refuse, before allocating anything, a job whose estimated memory exceeds what the device has free."""
+    need = training_bytes(n_params, cfg.batch_size, stacks, vocab, cfg.seq_len)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_cpu_bytes()
+    if free is not None and need > free and not force:
+        raise BltError(
+            f"this job needs about {gib(need)} ({n_params / 1e6:.0f}M parameters, batch {cfg.batch_size} x "
+            f"{cfg.seq_len}) but {device.type} has {gib(free)} available; use a smaller preset/batch or --force"
+        )
 
 
 def _train_config(hyper, overrides: dict) -> TrainConfig:
@@ -139,36 +205,42 @@ def blt_forward(patcher):
 def train_entropy(
     data: list[str],
     out: str | Path,
-    preset: str = "demo",
+    preset: str | None = None,
     resume: bool = False,
-    val_fraction: float = 0.1,
-    split: str = "auto",
+    val_fraction: float | None = None,
+    split: str | None = None,
     device: str | None = None,
     progress: bool = True,
+    force: bool = False,
     **overrides,
 ) -> dict:
+    """Train an entropy model into run folder `out`. With `resume`, settings left None are the saved run's;
+    flags a resumed run cannot honour (model, data stream) must equal the saved ones."""
     out = Path(out)
     d = setup_distributed(device)
-    saved, config, cfg = _run_settings(out, resume, lambda: entropy_preset(preset), EntropyModelConfig, overrides)
+    saved, handle = _open_run(out, "entropy-run", "blt train-entropy", resume, d.main)
     if saved:
-        data, val_fraction, split = saved["data"], saved["val_fraction"], saved["split"]
+        given = dict(overrides, preset=preset, data=list(map(str, data)), val_fraction=val_fraction, split=split)
+        _refuse_changes(out, saved, {k: v for k, v in given.items() if k not in RESUMABLE})
+        data, val_fraction, split, preset = saved["data"], saved["val_fraction"], saved["split"], saved.get("preset")
+    preset, val_fraction, split = preset or "demo", 0.1 if val_fraction is None else val_fraction, split or "auto"
+    config, cfg = _run_settings(out, resume, lambda: entropy_preset(preset), EntropyModelConfig, overrides, saved)
+    stacks = [(cfg.seq_len, config.dim, config.hidden_dim, config.n_layers)]
+    _check_memory(entropy_params(config), cfg, stacks, config.vocab_size, d.device, force)
     train_docs, val_docs = split_documents(read_documents(data), val_fraction, split)
     train_stream, val_stream = build_stream(train_docs), build_stream(val_docs)
     seqs = PackedSequences(train_stream, cfg.seq_len)
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not saved:
-            save_json(
-                {
-                    "kind": "entropy_model",
-                    "model": config.to_dict(),
-                    "train": asdict(cfg),
-                    "data": list(map(str, data)),
-                    "val_fraction": val_fraction,
-                    "split": split,
-                },
-                out / "run.json",
-            )
+        record = {
+            "kind": "entropy_model",
+            "model": config.to_dict(),
+            "train": asdict(cfg),
+            "data": list(map(str, data)),
+            "val_fraction": val_fraction,
+            "split": split,
+            "preset": preset,
+        }
+        save_json(dict(saved, train=asdict(cfg)) if saved else record, out / "run.json")
     torch.manual_seed(cfg.seed)
     model = EntropyModel(config)
     init_weights(model)
@@ -186,13 +258,23 @@ def train_entropy(
     result = {}
     if d.main:
         model.eval()
-        model.save_pretrained(out)
+        _write(lambda: model.save_pretrained(out), out)
         if len(val_stream) > 1:
             result = evaluate_stream(model, val_stream, cfg.seq_len)
             result["unigram_bpb"] = unigram_bpb(train_stream, val_stream)
             log_final(out, result)
         save_json(result, out / "summary.json")
+    if handle is not None:
+        handle.close()
     return result
+
+
+def _write(save, out: Path) -> None:
+    """Run a writer of the final model; a full disk or a forbidden path is one line naming the folder."""
+    try:
+        save()
+    except OSError as e:
+        raise BltError(f"could not write the model to {out}: {e.strerror or e}; the checkpoints are intact") from None
 
 
 # ---- BLT ------------------------------------------------------------------------------------------
@@ -200,33 +282,81 @@ def train_blt(
     data: list[str],
     out: str | Path,
     entropy_model: str | Path | None = None,
-    patching: str = "entropy",
-    target_patch_bytes: float = 4.5,
+    patching: str | None = None,
+    target_patch_bytes: float | None = None,
     threshold: float | None = None,
-    preset: str = "demo",
+    preset: str | None = None,
     resume: bool = False,
-    val_fraction: float = 0.1,
-    split: str = "auto",
-    bpe_vocab: int = 1024,
+    val_fraction: float | None = None,
+    split: str | None = None,
+    bpe_vocab: int | None = None,
     cache_dir: str | Path | None = None,
     device: str | None = None,
     progress: bool = True,
+    force: bool = False,
     **overrides,
 ) -> dict:
+    """Train a BLT into run folder `out`. With `resume`, settings left None are the saved run's; flags a
+    resumed run cannot honour (model, patching, data stream, entropy model) must equal the saved ones."""
     out = Path(out)
     d = setup_distributed(device)
-    saved, config, cfg = _run_settings(out, resume, lambda: blt_preset(preset), BLTConfig, overrides)
+    saved, handle = _open_run(out, "blt-run", "blt train", resume, d.main)
     if saved:
-        data, val_fraction, split, entropy_model = (
-            saved["data"],
-            saved["val_fraction"],
-            saved["split"],
-            saved["entropy_model"],
+        given = dict(
+            overrides,
+            preset=preset,
+            data=list(map(str, data)),
+            val_fraction=val_fraction,
+            split=split,
+            patching=patching,
+            target_patch_bytes=target_patch_bytes,
+            threshold=threshold,
+            bpe_vocab=bpe_vocab,
         )
-        patching = config.patching.mode
+        if "patching" not in saved:
+            given["patching"] = None
+            if patching is not None and patching != saved["model"]["patching"]["mode"]:
+                raise BltError(
+                    f"--resume cannot change the run in {out}: patching (saved "
+                    f"{saved['model']['patching']['mode']!r}, given {patching!r})"
+                )
+        if threshold is not None and saved.get("threshold") is None:
+            given["threshold"] = None  # the run calibrated its threshold: compare with the one it found
+            if threshold != saved["model"]["patching"].get("threshold"):
+                raise BltError(
+                    f"--resume cannot change the run in {out}: threshold (calibrated "
+                    f"{saved['model']['patching'].get('threshold')!r}, given {threshold!r})"
+                )
+        _refuse_changes(out, saved, {k: v for k, v in given.items() if k not in RESUMABLE})
+        data, val_fraction, split = saved["data"], saved["val_fraction"], saved["split"]
+        entropy_model = entropy_model or saved["entropy_model"]
+        preset = saved.get("preset")
+        patching = saved["model"]["patching"]["mode"]
+    preset, patching = preset or "demo", patching or "entropy"
+    val_fraction, split = 0.1 if val_fraction is None else val_fraction, split or "auto"
+    target_patch_bytes, bpe_vocab = target_patch_bytes or 4.5, bpe_vocab or 1024
+    config, cfg = _run_settings(out, resume, lambda: blt_preset(preset), BLTConfig, overrides, saved)
     if patching == "entropy" and entropy_model is None:
         raise BltError("entropy patching needs --entropy-model (train one with `blt train-entropy`)")
+    patches = max(1, round(cfg.seq_len / target_patch_bytes))
+    dims = config.ffn_dims
+    stacks = [
+        (cfg.seq_len, config.dim_local_encoder, dims[0], config.n_layers_local_encoder),
+        (patches, config.dim_global, dims[1], config.n_layers_global),
+        (cfg.seq_len, config.dim_local_decoder, dims[2], config.n_layers_local_decoder),
+    ]
+    _check_memory(blt_params(config), cfg, stacks, config.vocab_size, d.device, force)
     cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise BltError(f"the cache folder {cache_dir} is a file")
+
+    em = load_entropy_model(entropy_model) if patching == "entropy" else None
+    em_digest = entropy_model_digest(em) if em is not None else None
+    if saved and saved.get("entropy_model_digest") and em_digest != saved["entropy_model_digest"]:
+        raise BltError(
+            f"the entropy model {entropy_model} changed since the run in {out} started (weights hash "
+            f"{em_digest}, the run used {saved['entropy_model_digest']}); resume with the original one"
+        )
 
     # data: the bpe patcher needs a tokenizer trained on the training split, and delimiters in the stream
     train_docs, val_docs = split_documents(read_documents(data), val_fraction, split)
@@ -240,7 +370,6 @@ def train_blt(
         encode_doc = None
     train_stream, val_stream = build_stream(train_docs, encode_doc), build_stream(val_docs, encode_doc)
 
-    em = load_entropy_model(entropy_model) if patching == "entropy" else None
     train_ent = val_ent = None
     if em is not None:
         em.to(d.device)
@@ -252,35 +381,39 @@ def train_blt(
                 torch.from_numpy(np.array(train_ent[s : s + cfg.seq_len]))
                 for s in range(0, min(len(train_ent), 512 * cfg.seq_len), cfg.seq_len)
             ]
-            threshold = threshold_for_mean_patch(rows, target_patch_bytes)
+            threshold_used = threshold_for_mean_patch(rows, target_patch_bytes)
+        else:
+            threshold_used = threshold
         config = replace(
             config,
             patching=PatchingConfig(
                 mode=patching,
                 patch_size=round(target_patch_bytes) if patching == "static" else target_patch_bytes,
-                threshold=threshold if patching == "entropy" else None,
+                threshold=threshold_used if patching == "entropy" else None,
             ),
         )
     patcher = build_patcher(config.patching, em, tokenizer)
     torch.manual_seed(cfg.seed)
     model = BLT(config, patcher=patcher)
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not saved:
-            save_json(
-                {
-                    "kind": "blt",
-                    "model": config.to_dict(),
-                    "train": asdict(cfg),
-                    "data": list(map(str, data)),
-                    "val_fraction": val_fraction,
-                    "split": split,
-                    "entropy_model": str(entropy_model) if entropy_model else None,
-                },
-                out / "run.json",
-            )
-            if tokenizer is not None:
-                tokenizer.save(str(out / "bpe_tokenizer.json"))
+        record = {
+            "kind": "blt",
+            "model": config.to_dict(),
+            "train": asdict(cfg),
+            "data": list(map(str, data)),
+            "val_fraction": val_fraction,
+            "split": split,
+            "entropy_model": str(entropy_model) if entropy_model else None,
+            "entropy_model_digest": em_digest,
+            "preset": preset,
+            "patching": patching,
+            "target_patch_bytes": target_patch_bytes,
+            "threshold": threshold,
+            "bpe_vocab": bpe_vocab,
+        }
+        save_json(dict(saved, train=asdict(cfg)) if saved else record, out / "run.json")
+        if tokenizer is not None and not saved:
+            tokenizer.save(str(out / "bpe_tokenizer.json"))
 
     seqs = PackedSequences(train_stream, cfg.seq_len, train_ent)
 
@@ -297,7 +430,7 @@ def train_blt(
     result = {}
     if d.main:
         model.eval()
-        model.save_pretrained(out)
+        _write(lambda: model.save_pretrained(out), out)
         if len(val_stream) > 1:
             result = evaluate_stream(model, val_stream, cfg.seq_len, entropies=val_ent)
             result["unigram_bpb"] = unigram_bpb(train_stream, val_stream)
@@ -305,7 +438,13 @@ def train_blt(
         result["threshold"] = config.patching.threshold
         result["params"] = model.num_params()
         save_json(result, out / "summary.json")
+    if handle is not None:
+        handle.close()
     return result
+
+
+def _is_pos_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -326,19 +465,30 @@ def evaluate_model(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     docs = read_documents(data)
+    run_dir = Path(model_dir).parent if Path(model_dir).name == BEST else Path(model_dir)  # best/ sits in its run
+    saved = _read_run(run_dir) if (run_dir / "run.json").is_file() else None
     if split in ("train", "val"):
-        train_docs, val_docs = split_documents(docs, val_fraction, "auto")
+        if saved is None:
+            raise BltError(
+                f"--split {split} needs the run's own split, but {model_dir} has no run.json; use --split all"
+            )
+        # the run's own split: its held-out share and mode, on the data given
+        train_docs, val_docs = split_documents(docs, saved["val_fraction"], saved["split"])
         docs = train_docs if split == "train" else val_docs
+        if not docs:
+            raise BltError(f"the {split} side of the run's split of this data is empty")
     elif split != "all":
         raise BltError(f"unknown split {split!r}; use all, train or val")
+    if not _is_pos_int(batch_size) or (seq_len is not None and not _is_pos_int(seq_len)):
+        raise BltError(f"batch_size and seq_len must be positive integers, got {batch_size!r} and {seq_len!r}")
     is_blt = isinstance(model, BLT)
     encode_doc = model.patcher.encode if is_blt and model.patcher is not None and model.patcher.mode == "bpe" else None
     stream = build_stream(docs, (lambda data: encode_doc(data).tolist()) if encode_doc else None)
-    run = Path(model_dir) / "run.json"
-    if not run.is_file() and Path(model_dir).name == BEST:
-        run = Path(model_dir).parent / "run.json"
     if seq_len is None:
-        seq_len = json.loads(run.read_text())["train"]["seq_len"] if run.is_file() else 1024
+        seq_len = saved["train"]["seq_len"] if saved else 1024
+    limit = model.config.max_encoder_seq_length if is_blt else model.config.max_seqlen
+    if seq_len > limit:
+        raise BltError(f"--seq-len {seq_len} exceeds the model's longest sequence ({limit})")
     ent = None
     if is_blt and model.entropy_model is not None:
         ent = cached_entropies(

@@ -23,20 +23,53 @@ def rename(name: str, rules) -> str:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except FileNotFoundError:
         raise BltError(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BltError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise BltError(f"{path} must hold a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensors(tensors: dict, path: Path) -> dict[str, torch.Tensor]:
+    """Refuse what would be silently cast on loading: non-string names, non-tensors, and tensors that are not
+    ordinary floats (bool, integer, complex, float8)."""
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise BltError(f"{path}: tensor names must be strings, found {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise BltError(f"{path}: {name} is a {type(t).__name__}, not a tensor")
+        if t.dtype not in WEIGHT_DTYPES:
+            raise BltError(
+                f"{path}: tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}; weights must be "
+                "float32, float16, bfloat16 or float64"
+            )
+    return tensors
+
+
+def check_file_holds(n_params: int, path: Path) -> None:
+    """Refuse, before allocating a model, a config that describes more parameters than the weights file can hold
+    (2 bytes each at the least): a small file must not make us allocate a huge model."""
+    if path.is_file() and n_params * 2 > path.stat().st_size * 1.01 + (1 << 20):
+        raise BltError(
+            f"{path} holds {path.stat().st_size} bytes but the config describes {n_params:,} parameters "
+            f"(>= {2 * n_params:,} bytes): the config does not match the weights"
+        )
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise BltError(f"{path} is missing")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise BltError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return check_tensors(tensors, path)
 
 
 def read_consolidated(path: Path) -> dict[str, torch.Tensor]:
@@ -49,7 +82,7 @@ def read_consolidated(path: Path) -> dict[str, torch.Tensor]:
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise BltError(f"{path} holds no state dict")
-    return state
+    return check_tensors(state, path)
 
 
 def fill(module: torch.nn.Module, tensors: dict[str, torch.Tensor], names: dict[str, str], source: Path) -> None:

@@ -13,12 +13,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from blt.bpe import load_bpe
 from blt.errors import BltError
 from blt.model.entropy_model import EntropyModel as EntropyNetwork
 from blt.model.patching import build_patcher
+from blt.rundir import claim
 from blt.weights import hf, ours, release
-from blt.weights.files import fill, read_json, read_safetensors
+from blt.weights.files import check_file_holds, fill, read_json, read_safetensors
 from blt.weights.pretrained import BLT, EntropyModel
 
 OURS, OURS_ENTROPY, HF, RELEASE_HUB, RELEASE_CONSOLIDATED = (
@@ -57,22 +60,43 @@ def holds_entropy_model(path: Path, fmt: str) -> bool:
 
 
 # ---- building models from each layout --------------------------------------------------------------
+def _build(cls, config, weights: Path):
+    """`cls(config)`, once a meta-device build has shown the weights file can hold that many parameters."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in cls(config).parameters())
+    check_file_holds(n_params, weights)
+    return cls(config)
+
+
+def _config(read, path: Path):
+    """A config read by `read`; a missing or mistyped key is one line naming the file."""
+    try:
+        return read()
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, BltError):
+            raise
+        raise BltError(f"{path}: missing or invalid config entry {e}") from None
+
+
 def _ours(path: Path) -> tuple[BLT, EntropyModel | None]:
-    model = BLT(ours.read_config(path))
+    model = _build(BLT, ours.read_config(path), path / ours.WEIGHTS)
     fill(model, read_safetensors(path / ours.WEIGHTS), {k: k for k in model.state_dict()}, path / ours.WEIGHTS)
     entropy = _ours_entropy(path / ours.ENTROPY_DIR) if (path / ours.ENTROPY_DIR).is_dir() else None
     return model, entropy
 
 
 def _ours_entropy(path: Path) -> EntropyModel:
-    model = EntropyModel(ours.read_config(path))
+    model = _build(EntropyModel, ours.read_config(path), path / ours.WEIGHTS)
     fill(model, read_safetensors(path / ours.WEIGHTS), {k: k for k in model.state_dict()}, path / ours.WEIGHTS)
     return model
 
 
 def _hf(path: Path) -> tuple[BLT, EntropyModel | None]:
-    config, entropy_config = hf.config_from_hf(read_json(path / "config.json"))
+    raw = read_json(path / "config.json")
+    config, entropy_config = _config(lambda: hf.config_from_hf(raw), path / "config.json")
     source = path / "model.safetensors"
+    with torch.device("meta"):
+        check_file_holds(sum(p.numel() for p in BLT(config).parameters()), source)
     tensors = read_safetensors(source)
     hf.split_fused_hash_tables(tensors, config, source)
     model = BLT(config)
@@ -86,16 +110,16 @@ def _hf(path: Path) -> tuple[BLT, EntropyModel | None]:
 
 
 def _release(path: Path) -> tuple[BLT, EntropyModel | None]:
-    config, tensors, source = release.read_blt(path)
-    model = BLT(config)
+    config, tensors, source = _config(lambda: release.read_blt(path), path)
+    model = _build(BLT, config, source)
     fill(model, tensors, {k: release.release_name(k) for k in model.state_dict()}, source)
     entropy_dir = release.entropy_dir_of(path)
     return model, _release_entropy(entropy_dir) if entropy_dir is not None else None
 
 
 def _release_entropy(path: Path) -> EntropyModel:
-    config, tensors, source = release.read_entropy_model(path)
-    model = EntropyModel(config)
+    config, tensors, source = _config(lambda: release.read_entropy_model(path), path)
+    model = _build(EntropyModel, config, source)
     fill(model, tensors, {k: release.release_name(k) for k in model.state_dict()}, source)
     return model
 
@@ -128,9 +152,16 @@ def load_blt(
     model, found = {OURS: _ours, HF: _hf}.get(fmt, _release)(path)
     if entropy_model is not None:
         found = entropy_model if isinstance(entropy_model, EntropyNetwork) else load_entropy_model(entropy_model)
-    tokenizer = load_bpe(path / ours.BPE_TOKENIZER) if (path / ours.BPE_TOKENIZER).is_file() else None
+    tokenizer = _tokenizer(path / ours.BPE_TOKENIZER) if (path / ours.BPE_TOKENIZER).is_file() else None
     model.patcher = build_patcher(model.config.patching, found, tokenizer)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _tokenizer(path: Path):
+    try:
+        return load_bpe(path)
+    except Exception as e:  # the tokenizers library raises its own exception types on a bad file
+        raise BltError(f"{path} is not a readable BPE tokenizer: {str(e).splitlines()[0] if str(e) else e!r}") from None
 
 
 def load_pretrained(
@@ -148,6 +179,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str = "ours", en
     if to not in ("ours", "hf"):
         raise BltError(f"unknown target format {to!r}; use 'ours' or 'hf'")
     model = load_pretrained(src, entropy_model=entropy_model)
+    claim(Path(dst), "model", "blt convert")  # a folder convert did not make is refused, untouched
     if isinstance(model, EntropyNetwork):
         if to != "ours":
             raise BltError("an entropy model alone can only be converted to our format")
