@@ -562,8 +562,9 @@ def test_second_training_into_one_folder_stops_at_once(tmp_path, capsys):
 
 
 def test_disk_full_during_a_checkpoint(tmp_path):
-    """A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG) hits the checkpoint at step 4:
-    one line, exit 2, no temporaries, step 2 intact; resuming without the limit then works."""
+    """A file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with EFBIG) hits the writes at step 4 (the
+    best model of the validation there, or the checkpoint): one line, exit 2, no temporaries, step 2 intact;
+    resuming without the limit then works."""
     data = corpus(tmp_path)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -578,7 +579,10 @@ def test_disk_full_during_a_checkpoint(tmp_path):
                           env=env, preexec_fn=limit)  # fmt: skip
     assert full.returncode == 2, full.stderr
     lines = [line for line in full.stderr.splitlines() if "error" in line]
-    assert len(lines) == 1 and "could not write a checkpoint" in lines[0] and "step-00000002 is intact" in lines[0]
+    assert len(lines) == 1, lines
+    assert ("could not write a checkpoint" in lines[0] and "step-00000002 is intact" in lines[0]) or (
+        "could not write the best model" in lines[0] and "the checkpoints are intact" in lines[0]
+    )
     assert "Traceback" not in full.stderr
     assert not list(out.rglob(".tmp*"))
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000002"]

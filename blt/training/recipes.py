@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import lzma
+import os
+import shutil
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from blt.bpe import encode_with_delimiters, load_bpe, train_bpe
 from blt.config import BLTConfig, EntropyModelConfig, PatchingConfig, save_json
@@ -22,7 +25,7 @@ from blt.memory import available_cpu_bytes, blt_params, entropy_params, gib, tra
 from blt.model.blt import init_weights
 from blt.model.patching import build_patcher, threshold_for_mean_patch
 from blt.presets import blt_preset, entropy_preset
-from blt.rundir import adopt, claim, clean_temporaries, empty_folder, lock, marker
+from blt.rundir import TMP_PREFIX, adopt, claim, clean_temporaries, empty_folder, lock, marker
 from blt.training.checkpoints import latest_checkpoint
 from blt.training.data import (
     PackedSequences,
@@ -167,8 +170,19 @@ def save_best(out: Path):
     def on_best(model, record: dict) -> None:
         was_training = model.training
         model.eval()
-        model.save_pretrained(out / BEST)
-        save_json({"step": record["step"], "val_bpb": record["bpb"]}, out / BEST / "best.json")
+        tmp = out / f"{TMP_PREFIX}{BEST}"  # written whole, then swapped in: best/ is never half a model
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            model.save_pretrained(tmp)
+            save_json({"step": record["step"], "val_bpb": record["bpb"]}, tmp / "best.json")
+            shutil.rmtree(out / BEST, ignore_errors=True)
+            os.replace(tmp, out / BEST)
+        except (OSError, SafetensorError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            cause = getattr(e, "strerror", None) or e
+            raise BltError(
+                f"could not write the best model to {out / BEST}: {cause}; the checkpoints are intact"
+            ) from None
         model.train(was_training)
 
     return on_best
@@ -273,8 +287,9 @@ def _write(save, out: Path) -> None:
     """Run a writer of the final model; a full disk or a forbidden path is one line naming the folder."""
     try:
         save()
-    except OSError as e:
-        raise BltError(f"could not write the model to {out}: {e.strerror or e}; the checkpoints are intact") from None
+    except (OSError, SafetensorError) as e:
+        cause = getattr(e, "strerror", None) or e
+        raise BltError(f"could not write the model to {out}: {cause}; the checkpoints are intact") from None
 
 
 # ---- BLT ------------------------------------------------------------------------------------------
@@ -484,9 +499,9 @@ def evaluate_model(
     is_blt = isinstance(model, BLT)
     encode_doc = model.patcher.encode if is_blt and model.patcher is not None and model.patcher.mode == "bpe" else None
     stream = build_stream(docs, (lambda data: encode_doc(data).tolist()) if encode_doc else None)
-    if seq_len is None:
-        seq_len = saved["train"]["seq_len"] if saved else 1024
     limit = model.config.max_encoder_seq_length if is_blt else model.config.max_seqlen
+    if seq_len is None:
+        seq_len = saved["train"]["seq_len"] if saved else min(1024, limit)
     if seq_len > limit:
         raise BltError(f"--seq-len {seq_len} exceeds the model's longest sequence ({limit})")
     ent = None
