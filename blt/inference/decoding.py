@@ -21,13 +21,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from blt.errors import BltError
 from blt.inference.kv_cache import GrowingCache, KVCache, stack_cache
 from blt.model.blt import BLT, check_ids
 from blt.model.entropy_model import entropy
+from blt.model.hash_embeddings import HASH_PRIMES, _powers
 from blt.model.masks import sequence_self_mask
 from blt.model.patching import EntropyPatcher, limit_patch_length
+from blt.model.transformer import FusedBlock, RopeTable, additive_mask, block_step, rms
 from blt.tokenizer import BOE_ID
 
 
@@ -42,7 +45,8 @@ class DecodingState:
     prev_entropy: torch.Tensor | None  # [B] H at the byte before last, and ...
     cur_entropy: torch.Tensor | None  # [B] ... at the last byte (entropy patching only)
     read_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per decoder cross-attention: keys/values [B, 1, k, H, hd]
-    open: list[list[torch.Tensor]]  # per row, per encoder cross-attention layer: states of the open patch [n, D]
+    open: list[torch.Tensor]  # per encoder cross-attention layer: states of each row's open patch [B, capacity, D]
+    open_len: torch.Tensor  # [B] bytes in each row's open patch (the first open_len[b] entries of open[.][b])
     entropy_cache: KVCache | None  # a WindowCache for a windowed stack, else a GrowingCache
     encoder_cache: KVCache
     decoder_cache: KVCache
@@ -153,14 +157,25 @@ class IncrementalBLT:
             prev_entropy=prev_entropy,
             cur_entropy=cur_entropy,
             read_kv=[(k[rows_idx, last][:, None], v[rows_idx, last][:, None]) for k, v in dec.patch_kv(global_out)],
-            open=[
-                [s[b, patch_start[b] : lengths[b]] if not opens[b] else s[b, :0] for s in states] for b in range(batch)
-            ],
+            open=[],
+            open_len=torch.where(opens, 0, lengths - patch_start),
             entropy_cache=entropy_cache,
             encoder_cache=encoder_cache,
             decoder_cache=decoder_cache,
             global_cache=global_cache,
         )
+        # the open patch's byte states after each cross-attention layer, in buffers [B, capacity, D]
+        st = self.state
+        capacity = max(16, self.patcher.max_patch_length or 0, int(st.open_len.max()) + 1)
+        for layer_states in states:
+            buf = layer_states.new_zeros(batch, capacity, layer_states.shape[-1])
+            for b in range(batch):
+                n = int(st.open_len[b])
+                buf[b, :n] = layer_states[b, lengths[b] - n : lengths[b]]
+            st.open.append(buf)
+        self.open_bound = int(st.open_len.max())  # an upper bound of open_len, kept without reading it
+        self.max_position = int(lengths.max()) - 1  # highest position fed so far
+        self._prepare_step(batch, int(lengths.max()))
         return logits
 
     @staticmethod
@@ -169,7 +184,72 @@ class IncrementalBLT:
         tail = ids[-n:]
         return torch.cat([torch.full((n - len(tail),), BOE_ID, dtype=ids.dtype, device=ids.device), tail])
 
-    # ---- one byte per row ---------------------------------------------------------------------------
+    # ---- one byte per row ----------------------------------------------------------------------------
+    def _prepare_step(self, batch: int, longest: int) -> None:
+        """Inference copies for the steps: fused blocks, RoPE tables, the hash powers, the open-patch buffers."""
+        m, c, s = self.model, self.config, self.state
+        device = s.positions.device
+        n_local = longest + 1024
+        self.enc_blocks = [FusedBlock(b) for b in m.local_encoder.layers]
+        self.dec_blocks = [FusedBlock(b) for b in m.local_decoder.layers]
+        self.glb_blocks = [FusedBlock(b) for b in m.global_transformer.layers]
+        self.enc_rope = RopeTable(m.local_encoder.rope, n_local)
+        self.dec_rope = RopeTable(m.local_decoder.rope, n_local)
+        self.glb_rope = RopeTable(m.global_transformer.rope, c.max_seqlen + 1)
+        self.ropes_cover = n_local  # positions below this have rotations in the local tables
+        self.em_blocks, self.em_rope = None, None
+        if isinstance(self.patcher, EntropyPatcher):
+            em = self.patcher.entropy_model
+            self.em_blocks = [FusedBlock(b) for b in em.layers]
+            self.em_rope = RopeTable(em.rope, n_local)
+        self.rows = torch.arange(batch, device=device)
+        self.dtype = m.local_encoder.tok_embeddings.weight.dtype
+        self.hash_powers = self._hash_powers(device)
+        # the decoder's cross-attention keys/values as sdpa reads them: [B, H, k, hd] views of `read_kv`
+        self.read_views = [(k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2)) for k, v in s.read_kv]
+        self.cross_weights = [
+            (x.attn.wq.weight.detach().t(), x.attn.wo.weight.detach().t()) for x in m.local_decoder.cross_attn
+        ]
+
+    def _hash_powers(self, device) -> torch.Tensor | None:
+        """[n_tables, n+1] int64: the prime powers of each (function, n) table over the last n+1 ids (0 before
+        the n-gram), so that every table's hash of the newest n-gram is one row of a single product-sum."""
+        hashing = self.model.local_encoder.hash_embeddings
+        if hashing is None:
+            return None
+        width = self.hash_history + 1
+        rows = []
+        for f in range(hashing.n_functions):
+            for n in hashing.ngram_sizes:
+                row = torch.zeros(width, dtype=torch.int64, device=device)
+                row[width - n :] = _powers(HASH_PRIMES[f], n, device)
+                rows.append(row)
+        return torch.stack(rows)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Byte + hash n-gram embeddings of one new id per row -> [B, D] (as `LocalEncoder.embed`)."""
+        enc, s = self.model.local_encoder, self.state
+        h = enc.tok_embeddings(ids)
+        if self.hash_powers is None:
+            return h
+        width = self.hash_powers.shape[1]
+        window = torch.cat([s.history[:, s.history.shape[1] - (width - 1) :], ids[:, None]], dim=1)  # [B, n+1]
+        hashes = (window[:, None, :] * self.hash_powers).sum(-1) % enc.hash_embeddings.table_size  # [B, tables]
+        tables = enc.hash_embeddings.tables
+        out = tables[0](hashes[:, 0])
+        for j in range(1, len(tables)):
+            out = out + tables[j](hashes[:, j])
+        return h + out
+
+    @staticmethod
+    def _run_blocks(blocks, h, rotation, mask, cache, keep=None):
+        kept = []
+        for i, b in enumerate(blocks):
+            h = block_step(b, h, rotation, mask, cache.layer(i))
+            if keep is not None and keep(i):
+                kept.append(h)
+        return h, kept
+
     @torch.no_grad()
     def step(self, next_ids: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """Feed one id per row -> the next logits [B, V]. Rows not `active` (finished) still move
@@ -178,11 +258,26 @@ class IncrementalBLT:
         pos = s.positions
         next_ids = next_ids.to(pos.device)
         prev_id, cur_id = s.history[:, -1], next_ids
+        self.max_position += 1
+        if self.max_position >= self.ropes_cover:
+            self.ropes_cover = 2 * self.max_position
+            for table in (self.enc_rope, self.dec_rope, self.em_rope):
+                if table is not None:
+                    table.ensure(self.ropes_cover)
+        window, h_dtype = c.local_attention_window_len, self.dtype
 
         # does the byte after this one open a patch? (the same rule as over a whole sequence)
-        if isinstance(self.patcher, EntropyPatcher):
-            h_next = entropy(self.patcher.entropy_model.step(next_ids, pos, s.entropy_cache))
-            s.prev_entropy, s.cur_entropy = s.cur_entropy, h_next
+        if self.em_blocks is not None:
+            em = self.patcher.entropy_model
+            mask = s.entropy_cache.step(pos, window=em.config.sliding_window)
+            h, _ = self._run_blocks(
+                self.em_blocks,
+                em.tok_embeddings(next_ids),
+                self.em_rope(pos),
+                additive_mask(mask, h_dtype),
+                s.entropy_cache,
+            )
+            s.prev_entropy, s.cur_entropy = s.cur_entropy, entropy(em.output(em.norm(h)))
         q = pos + 1
         natural = self.patcher.rule(prev_id, cur_id, s.prev_entropy, s.cur_entropy, q)
         natural = torch.as_tensor(natural, device=pos.device).expand_as(q) | (q <= 1)
@@ -190,47 +285,72 @@ class IncrementalBLT:
         limit = self.patcher.max_patch_length
         opens_next = natural | ((q - s.last_start) % limit == 0) if limit else natural
 
-        # local encoder: this byte's states join its (open) patch
-        window = c.local_attention_window_len
-        h, states = m.local_encoder.step(next_ids, s.history, pos, window, s.encoder_cache)
+        # local encoder: this byte's states join its (open) patch, in the fixed open-patch buffers
+        enc = m.local_encoder
+        mask = s.encoder_cache.step(pos, window=window)
+        h, states = self._run_blocks(
+            self.enc_blocks,
+            self._embed(next_ids),
+            self.enc_rope(pos),
+            additive_mask(mask, h_dtype),
+            s.encoder_cache,
+            keep=enc.has_cross_attn,
+        )
         s.history = torch.cat([s.history[:, 1:], next_ids[:, None]], dim=1)
-        for b in range(len(pos)):
-            s.open[b] = [torch.cat([o, st[b]]) for o, st in zip(s.open[b], states)]
+        self._room_for_one_more()
+        for buf, st in zip(s.open, states):
+            buf[self.rows, s.open_len] = st
+        s.open_len += 1
+        self.open_bound += 1
 
         # rows whose patch ends with this byte: pool it, one global step, new keys for the decoder
         closing = opens_next.nonzero().flatten()
         if len(closing):
-            full = s.n_patches[closing] >= c.max_seqlen
-            if active is not None:
-                full &= active.to(full.device)[closing]
-            if bool(full.any()):
-                raise BltError(
-                    f"the text reached the global transformer's context of {c.max_seqlen} patches (max_seqlen)"
-                )
-            vectors = self._pool_open(closing)
-            out = m.global_transformer.step(vectors, s.n_patches[closing], closing, s.global_cache)
-            for j, (k, v) in enumerate(m.local_decoder.patch_kv(out[:, None])):
-                rk, rv = s.read_kv[j]
-                rk[closing], rv[closing] = k, v
-            s.n_patches[closing] += 1
-            for b in closing.tolist():
-                s.open[b] = [o[:0] for o in s.open[b]]
+            self._close(closing, active)
 
-        logits = m.local_decoder.step(h, s.read_kv, pos, window, s.decoder_cache)
+        # local decoder: cross-attention to the last closed patch, then its block, on every layer
+        dec = m.local_decoder
+        mask = additive_mask(s.decoder_cache.step(pos, window=window), h_dtype)
+        rotation = self.dec_rope(pos)
+        for i, b in enumerate(self.dec_blocks):
+            if dec.has_cross_attn(i):
+                j = i if dec.cross_all_layers else 0
+                cross, (wq, wo) = dec.cross_attn[j], self.cross_weights[j]
+                query = torch.mm(rms(cross.q_norm, h), wq).unflatten(-1, (cross.attn.n_heads, -1))  # [B, H, hd]
+                out = F.scaled_dot_product_attention(query[:, :, None], *self.read_views[j])  # [B, H, 1, hd]
+                h = h + (h + torch.mm(out.flatten(1), wo))
+            h = block_step(b, h, rotation, mask, s.decoder_cache.layer(i))
         s.positions = pos + 1
-        return logits
+        return dec.output(dec.norm(h))
 
-    def _pool_open(self, rows: torch.Tensor) -> torch.Tensor:
-        """Representations [n, k*D] of the open patches of `rows` (their bytes are all here)."""
+    def _room_for_one_more(self) -> None:
+        """Grow the open-patch buffers (doubling) if a row's patch could outgrow them this step."""
         s = self.state
-        first = s.open[int(rows[0])]
-        longest = max(len(s.open[b][0]) for b in rows.tolist())
-        dim, dtype, device = first[0].shape[-1], first[0].dtype, s.positions.device
-        states = [torch.zeros(len(rows), longest, dim, device=device, dtype=dtype) for _ in first]
-        member = torch.ones(len(rows), longest, dtype=torch.long, device=device)  # patch 1: padding
-        for i, b in enumerate(rows.tolist()):
-            n = len(s.open[b][0])
-            member[i, :n] = 0
-            for st, o in zip(states, s.open[b]):
-                st[i, :n] = o
-        return self.model.local_encoder.pool_patches(states, member, 2)[:, 0]
+        if self.open_bound < s.open[0].shape[1]:
+            return
+        self.open_bound = int(s.open_len.max())
+        if self.open_bound >= s.open[0].shape[1]:
+            s.open = [F.pad(buf, (0, 0, 0, buf.shape[1])) for buf in s.open]
+
+    def _close(self, closing: torch.Tensor, active: torch.Tensor | None) -> None:
+        """Pool the open patches of `closing` rows, one global step for them, new decoder keys."""
+        m, c, s = self.model, self.config, self.state
+        full = s.n_patches[closing] >= c.max_seqlen
+        if active is not None:
+            full &= active.to(full.device)[closing]
+        if bool(full.any()):
+            raise BltError(f"the text reached the global transformer's context of {c.max_seqlen} patches (max_seqlen)")
+        lengths = s.open_len[closing]
+        longest = int(lengths.max())
+        member = (torch.arange(longest, device=lengths.device) >= lengths[:, None]).long()  # patch 1: padding
+        vectors = m.local_encoder.pool_patches([buf[closing, :longest] for buf in s.open], member, 2)[:, 0]
+        glb, positions = m.global_transformer, s.n_patches[closing]
+        mask = s.global_cache.step(positions, closing)
+        h = vectors if glb.in_proj is None else glb.in_proj(vectors)
+        mask = additive_mask(mask, h.dtype)
+        out, _ = self._run_blocks(self.glb_blocks, h, self.glb_rope(positions), mask, s.global_cache)
+        for j, (k, v) in enumerate(m.local_decoder.patch_kv(out[:, None])):
+            rk, rv = s.read_kv[j]
+            rk[closing], rv[closing] = k, v
+        s.n_patches[closing] += 1
+        s.open_len[closing] = 0

@@ -225,3 +225,73 @@ class CrossAttention(nn.Module):
         """Keys/values of patch slots [B, P*k, D] grouped per patch: two [B, P, k, H, hd]."""
         keys, values = self.project_kv(slots)
         return keys.unflatten(1, (-1, k)), values.unflatten(1, (-1, k))
+
+
+# ---- decoding-step helpers (inference only: the forward paths above stay as they are) ------------------
+class FusedBlock:
+    """An inference copy of a `TransformerBlock` for one-position steps: q/k/v in one matrix, w1/w3 in one,
+    all stored transposed ([in, out]) so that a step's projections are single `mm` calls on [B, D] states.
+
+    The parameters of the block are untouched; the fused matrices are copies made when decoding starts."""
+
+    def __init__(self, block: TransformerBlock):
+        a, f = block.attn, block.ffn
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.attn_norm, self.ffn_norm = block.attn_norm, block.ffn_norm
+        self.wqkv = torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]).detach().t()  # [D, (H + 2 Hkv) hd]
+        self.wo = a.wo.weight.detach().t()
+        self.w13 = torch.cat([f.w1.weight, f.w3.weight]).detach().t()  # [D, 2 F]
+        self.w2 = f.w2.weight.detach().t()
+        self.hidden = f.w1.weight.shape[0]
+        self.rep = a.n_heads // a.n_kv_heads
+
+
+class RopeTable:
+    """RoPE rotations of positions 0..n-1 computed once ([n, hd/2] complex64), indexed per step."""
+
+    def __init__(self, rope: RotaryEmbedding, n: int):
+        self.rope = rope
+        self.table = rope(torch.arange(n, device=rope.inv_freq.device))
+
+    def ensure(self, n: int) -> None:
+        """Room for positions < n (doubling)."""
+        if n > len(self.table):
+            self.table = self.rope(torch.arange(max(n, 2 * len(self.table)), device=self.table.device))
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [B] -> rotations [B, 1, hd/2] (one position per row, broadcast over heads)."""
+        return self.table[positions][:, None]
+
+
+def rms(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` in the few kernels of its own arithmetic (float32; else the library call)."""
+    if x.dtype != torch.float32 or norm.eps is None:
+        return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive one sdpa would make of it (made once per stack per step)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def block_step(b: FusedBlock, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    """`TransformerBlock.forward` for one position per row: x [B, D], rotation [B, 1, hd/2], mask [B, 1, 1, S]
+    (additive) over the slots `cache.update` returns -> [B, D]. The same arithmetic in fewer kernels."""
+    h_q, h_kv, hd = b.n_heads, b.n_kv_heads, b.head_dim
+    qkv = torch.mm(rms(b.attn_norm, x), b.wqkv)  # [B, (H + 2 Hkv) hd]
+    qk, v = qkv[:, : (h_q + h_kv) * hd], qkv[:, (h_q + h_kv) * hd :]
+    if qk.dtype == torch.float32:  # q and k rotated together, as complex pairs
+        pairs = torch.view_as_complex(qk.unflatten(-1, (h_q + h_kv, hd // 2, 2)))
+        qk = torch.view_as_real(pairs * rotation).flatten(-2)  # [B, H + Hkv, hd]
+    else:
+        qk = apply_rotary(qk.unflatten(-1, (h_q + h_kv, hd))[:, None], rotation)[:, 0]
+    q, k = qk[:, :h_q], qk[:, h_q:]
+    k, v = cache.update(k[:, None], v.unflatten(-1, (h_kv, hd))[:, None])  # [B, S, Hkv, hd]
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    if b.rep > 1:
+        k, v = k.repeat_interleave(b.rep, dim=1), v.repeat_interleave(b.rep, dim=1)
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask)  # [B, H, 1, hd]
+    h = x + torch.mm(out.flatten(1), b.wo)
+    gate, up = torch.mm(rms(b.ffn_norm, h), b.w13).split(b.hidden, dim=-1)
+    return h + torch.mm(F.silu(gate) * up, b.w2)
