@@ -1,9 +1,13 @@
 """--data takes Parquet files and `datasets` save_to_disk folders, through the same document list."""
 
 import pytest
+import torch
 
+import blt
+from blt.cli import main
 from blt.errors import BltError
 from blt.training.data import read_documents, split_documents
+from tests.helpers import tiny_config
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow not installed (the `data` extra)")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -47,3 +51,14 @@ def test_save_to_disk_dataset(tmp_path):
     assert sum(len(d.data) for d in train + val) == sum(len(d.data) for d in docs)
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a b"]})}).save_to_disk(str(tmp_path / "dd"))
     assert [d.data for d in read_documents([tmp_path / "dd"])] == [b"a b"]
+
+
+def test_the_cli_reads_parquet(tmp_path, capsys):
+    torch.manual_seed(0)
+    blt.BLT(tiny_config()).eval().save_pretrained(tmp_path / "m")
+    pq.write_table(pa.table({"text": ["hello parquet world " * 4]}), tmp_path / "a.parquet")
+    (tmp_path / "a.txt").write_text("hello parquet world " * 4)
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "a.parquet")]) in (0, None)
+    from_parquet = capsys.readouterr().out
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "a.txt")]) in (0, None)
+    assert from_parquet.splitlines()[-1] == capsys.readouterr().out.splitlines()[-1]  # same bytes, same score
