@@ -1,6 +1,6 @@
 """`blt serve`: an OpenAI-compatible completions server (FastAPI + uvicorn) for a BLT.
 
-POST /v1/completions (prompt, max_tokens counted in bytes, temperature, top_p, stop, seed, stream as
+GET / (a page drawing entropy patching live), POST /v1/completions (prompt, max_tokens counted in bytes, temperature, top_p, stop, seed, stream as
 server-sent events), GET /v1/models, GET /health, POST /v1/patches (bytes, entropies, patch starts).
 Requests are served one at a time through the cached engine (a lock around `model.stream`): exact, but not
 yet continuously batched. A streaming client that disconnects stops its generation at the next byte.
@@ -12,14 +12,17 @@ import json
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from blt.errors import BltError
 from blt.experiments.visualize import patch_view
+
+PAGE = Path(__file__).with_name("serve_page.html")
 
 
 class CompletionRequest(BaseModel):
@@ -58,6 +61,10 @@ def create_app(model, name: str = "blt") -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):  # malformed JSON or wrong field types: 400 with the reason
         return _error(400, f"invalid request: {exc.errors()[0].get('msg', 'bad body')}")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():  # entropy curve, threshold and patch boundaries live as you type; a streaming prompt box
+        return PAGE.read_text(encoding="utf-8")
 
     @app.get("/health")
     def health():

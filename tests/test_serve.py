@@ -110,3 +110,10 @@ def test_patches_endpoint(server):
     assert bytes(r["bytes"]) == b"hello world"
     _, starts, _, _ = patch_view(model, b"hello world")
     assert r["patch_starts"] == [i for i, s in enumerate(starts) if s]
+
+
+def test_the_page_is_served(server):
+    _, url = server
+    r = httpx.get(url + "/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "/v1/patches" in r.text and "/v1/completions" in r.text
