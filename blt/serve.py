@@ -1,6 +1,7 @@
 """`blt serve`: an OpenAI-compatible completions server (FastAPI + uvicorn) for a BLT.
 
-GET / (a page drawing entropy patching live), POST /v1/completions (prompt, max_tokens counted in bytes, temperature, top_p, stop, seed, stream as
+GET / (a page drawing entropy patching live),
+POST /v1/completions (prompt, max_tokens counted in bytes, temperature, top_p, stop, seed, stream as
 server-sent events), GET /v1/models, GET /health, POST /v1/patches (bytes, entropies, patch starts).
 Requests are served one at a time through the cached engine (a lock around `model.stream`): exact, but not
 yet continuously batched. A streaming client that disconnects stops its generation at the next byte.
