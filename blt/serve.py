@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
@@ -101,19 +102,27 @@ def create_app(model, name: str = "blt") -> FastAPI:
             choice = {"index": 0, "text": text, "finish_reason": "length" if len(out) >= req.max_tokens else "stop"}
             return {**head, "choices": [choice], "usage": usage}
 
-        def events():
-            pending = b""
-            for piece in steps(req):  # the generator is closed when the client goes away, releasing the lock
-                pending += piece
+        async def events():
+            pending, gen = b"", steps(req)
+            try:
+                while (piece := await run_in_threadpool(next, gen, None)) is not None:
+                    if await request.is_disconnected():
+                        return  # the finally closes the generator: its row and the lock are freed
+                    pending += piece
+                    try:
+                        text, pending = pending.decode("utf-8"), b""
+                    except UnicodeDecodeError:
+                        continue  # an incomplete character: wait for its next byte
+                    chunk = {**head, "choices": [{"index": 0, "text": text, "finish_reason": None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                last = {"index": 0, "text": pending.decode("utf-8", errors="replace"), "finish_reason": "stop"}
+                yield f"data: {json.dumps({**head, 'choices': [last]})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
                 try:
-                    text, pending = pending.decode("utf-8"), b""
-                except UnicodeDecodeError:
-                    continue  # an incomplete character: wait for its next byte
-                chunk = {**head, "choices": [{"index": 0, "text": text, "finish_reason": None}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            last = {"index": 0, "text": pending.decode("utf-8", errors="replace"), "finish_reason": "stop"}
-            yield f"data: {json.dumps({**head, 'choices': [last]})}\n\n"
-            yield "data: [DONE]\n\n"
+                    gen.close()
+                except ValueError:  # cancelled while a step runs in its thread: freed when that step returns
+                    pass
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
