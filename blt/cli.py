@@ -673,7 +673,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", help="write the entropy plot here")
     p.add_argument("--no-color", action="store_true", help="separate patches with | instead of colours")
     p.set_defaults(func=_patch)
+
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible completions server",
+        description=(
+            "POST /v1/completions (max_tokens counts bytes; stream=true sends server-sent events), GET /v1/models, "
+            "GET /health, POST /v1/patches (bytes, entropies, patch starts). Requests are served one at a time."
+        ),
+    )
+    p.add_argument("--model", required=True, help="model directory or Hub repo id")
+    p.add_argument("--entropy-model", help="entropy model directory or Hub repo id (default: the model's own)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    p.set_defaults(func=_serve)
     return parser
+
+
+def _serve(args) -> None:
+    try:
+        from blt.serve import serve  # noqa: PLC0415  (optional dependency: the `serve` extra; not a cycle)
+    except ImportError as e:
+        raise BltError(f"blt serve needs FastAPI and uvicorn: pip install 'blt-lm[serve]' ({e})") from None
+    if args.port < 0 or args.port > 65535:
+        raise BltError(f"--port must be in 0..65535, got {args.port}")
+    model = load_blt(args.model, entropy_model=args.entropy_model, device=args.device or "cpu")
+    print(f"serving {args.model} on http://{args.host}:{args.port}", file=sys.stderr)
+    serve(model, host=args.host, port=args.port, name=args.model)
 
 
 def main(argv: list[str] | None = None) -> int:

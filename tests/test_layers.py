@@ -16,6 +16,7 @@ LAYERS = [
     {"blt.weights"},
     {"blt.training"},
     {"blt.experiments"},
+    {"blt.serve"},
     {"blt.cli", "blt.__main__"},
 ]
 MODEL_MAY_IMPORT = {"blt.errors", "blt.tokenizer", "blt.config", "blt.bpe", "blt.model"}

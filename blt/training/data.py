@@ -103,12 +103,28 @@ def _gunzip(path: Path, data: bytes) -> bytes:
     return b"".join(out)
 
 
-def read_documents(paths: Sequence[str | os.PathLike]) -> list[Document]:
-    """The documents of `paths`. An empty file named on its own is an error; inside a directory it is skipped."""
+def read_documents(
+    paths: Sequence[str | os.PathLike], text_field: str = "text", max_bytes: int | None = None
+) -> list[Document]:
+    """The documents of `paths`. An empty file named on its own is an error; inside a directory it is skipped.
+
+    Besides .txt / .jsonl / .gz files: Parquet files (the `text_field` column), a `datasets` folder written by
+    `save_to_disk`, and `hf://datasets/NAME[:split]` (streamed with `datasets`, stopping after `max_bytes`)."""
     if not paths:
         raise BltError("no data paths given")
     docs: list[Document] = []
-    for path in expand_paths(paths):
+    files = []
+    for p in paths:
+        if str(p).startswith(HUB_DATASET):
+            docs.extend(_hub_documents(str(p), text_field, max_bytes))
+        elif Path(p).is_dir() and any((Path(p) / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            docs.extend(_saved_dataset_documents(Path(p), text_field))
+        else:
+            files.append(p)
+    for path in expand_paths(files):
+        if path.suffix == ".parquet":
+            docs.extend(_parquet_documents(path, text_field))
+            continue
         data = _read_bytes(path)
         inner = path.with_suffix("") if path.suffix == ".gz" else path
         if inner.suffix == ".jsonl":
@@ -117,9 +133,84 @@ def read_documents(paths: Sequence[str | os.PathLike]) -> list[Document]:
             docs.append(Document(str(path), data))
         elif str(path) in map(str, paths):
             raise BltError(f"{path} is empty")
+    if max_bytes is not None:
+        docs = _first_bytes(docs, max_bytes)
     if not docs:
         raise BltError(f"no documents found in {', '.join(map(str, paths))}")
     return docs
+
+
+HUB_DATASET = "hf://datasets/"
+
+
+def _first_bytes(docs: list[Document], max_bytes: int) -> list[Document]:
+    """The leading documents up to `max_bytes` bytes in all (the last one cut)."""
+    kept, total = [], 0
+    for doc in docs:
+        if total >= max_bytes:
+            break
+        kept.append(Document(doc.name, doc.data[: max_bytes - total]))
+        total += len(kept[-1].data)
+    return kept
+
+
+def _text_documents(name: str, texts: Iterable, text_field: str, max_bytes: int | None = None) -> list[Document]:
+    docs, total = [], 0
+    for n, text in enumerate(texts):
+        if max_bytes is not None and total >= max_bytes:
+            break
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise BltError(f"{name}: row {n}: the {text_field!r} column holds {type(text).__name__}, not text")
+        if text:
+            docs.append(Document(f"{name}:{n}", text.encode("utf-8", errors="surrogatepass")))
+            total += len(docs[-1].data)
+    return docs
+
+
+def _parquet_documents(path: Path, text_field: str) -> list[Document]:
+    try:
+        import pyarrow.parquet as pq  # noqa: PLC0415  (optional dependency: the `data` extra)
+    except ImportError as e:
+        raise BltError(f"{path}: reading Parquet needs pyarrow (pip install 'blt[data]')") from e
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises its own error types for a bad file
+        raise BltError(f"{path}: not a readable Parquet file ({e})") from None
+    if text_field not in table.column_names:
+        raise BltError(
+            f"{path} has no {text_field!r} column (columns: {', '.join(table.column_names)}; see --text-field)"
+        )
+    return _text_documents(str(path), table.column(text_field).to_pylist(), text_field)
+
+
+def _saved_dataset_documents(path: Path, text_field: str) -> list[Document]:
+    try:
+        import datasets  # noqa: PLC0415  (optional dependency: the `data` extra)
+    except ImportError as e:
+        raise BltError(f"{path}: reading a saved dataset needs `datasets` (pip install 'blt[data]')") from e
+    data = datasets.load_from_disk(str(path))
+    splits = data.items() if isinstance(data, datasets.DatasetDict) else [("", data)]
+    docs = []
+    for split, ds in splits:
+        if text_field not in ds.column_names:
+            raise BltError(f"{path} has no {text_field!r} column (columns: {', '.join(ds.column_names)})")
+        docs.extend(_text_documents(f"{path}{':' + split if split else ''}", ds[text_field], text_field))
+    return docs
+
+
+def _hub_documents(spec: str, text_field: str, max_bytes: int | None) -> list[Document]:
+    try:
+        import datasets  # noqa: PLC0415  (optional dependency: the `data` extra)
+    except ImportError as e:
+        raise BltError(f"{spec}: streaming a Hub dataset needs `datasets` (pip install 'blt[data]')") from e
+    name, _, split = spec[len(HUB_DATASET) :].partition(":")
+    try:
+        stream = datasets.load_dataset(name, split=split or "train", streaming=True)
+    except Exception as e:  # offline, unknown name, unknown split: datasets raises many kinds
+        raise BltError(f"{spec}: could not open the Hub dataset ({e})") from None
+    return _text_documents(spec, (row.get(text_field) for row in stream), text_field, max_bytes)
 
 
 def _jsonl_documents(path: Path, data: bytes) -> list[Document]:

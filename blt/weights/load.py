@@ -22,6 +22,7 @@ from blt.model.patching import build_patcher
 from blt.rundir import claim
 from blt.weights import hf, ours, release
 from blt.weights.files import check_file_holds, fill, read_json, read_safetensors
+from blt.weights.hub import resolve
 from blt.weights.pretrained import BLT, EntropyModel
 
 OURS, OURS_ENTROPY, HF, RELEASE_HUB, RELEASE_CONSOLIDATED = (
@@ -126,8 +127,8 @@ def _release_entropy(path: Path) -> EntropyModel:
 
 # ---- public entry points --------------------------------------------------------------------------
 def load_entropy_model(path: str | os.PathLike, device=None, dtype=None) -> EntropyModel:
-    """An entropy model from its own directory, or the one a BLT directory carries."""
-    path = Path(path)
+    """An entropy model from its own directory (or Hub repo id), or the one a BLT directory carries."""
+    path = resolve(path)
     fmt = detect_format(path)
     if fmt == OURS_ENTROPY:
         model = _ours_entropy(path)
@@ -144,12 +145,14 @@ def load_blt(
     path: str | os.PathLike, entropy_model: str | os.PathLike | EntropyNetwork | None = None, device=None, dtype=None
 ) -> BLT:
     """A BLT with its patcher attached (and the entropy model found beside the weights, or `entropy_model`:
-    a directory or a model)."""
-    path = Path(path)
+    a directory, a Hub repo id or a model). `path` is a directory or a Hub repo id ("owner/name[@rev]")."""
+    path = resolve(path)
     fmt = detect_format(path)
     if holds_entropy_model(path, fmt):
         raise BltError(f"{path} holds an entropy model, not a BLT")
     model, found = {OURS: _ours, HF: _hf}.get(fmt, _release)(path)
+    if entropy_model is not None and not isinstance(entropy_model, EntropyNetwork):
+        entropy_model = resolve(entropy_model)
     if entropy_model is not None:
         found = entropy_model if isinstance(entropy_model, EntropyNetwork) else load_entropy_model(entropy_model)
     tokenizer = _tokenizer(path / ours.BPE_TOKENIZER) if (path / ours.BPE_TOKENIZER).is_file() else None
@@ -167,8 +170,9 @@ def _tokenizer(path: Path):
 def load_pretrained(
     path: str | os.PathLike, entropy_model: str | os.PathLike | EntropyNetwork | None = None, device=None, dtype=None
 ) -> BLT | EntropyModel:
-    """A BLT (`load_blt`) or, when the directory holds one alone, an entropy model (`load_entropy_model`)."""
-    path = Path(path)
+    """A BLT (`load_blt`) or, when the directory holds one alone, an entropy model (`load_entropy_model`).
+    `path` is a directory or a Hub repo id ("owner/name[@rev]"); a local path always wins."""
+    path = resolve(path)
     if holds_entropy_model(path, detect_format(path)):
         return load_entropy_model(path, device=device, dtype=dtype)
     return load_blt(path, entropy_model=entropy_model, device=device, dtype=dtype)
