@@ -364,11 +364,13 @@ def _score(args) -> None:
         print(f"bits per byte  {bpb:.4f}  ({n_bytes} bytes)")
 
 
-def _model_dir(args) -> Path:
-    """--model, or its best/ checkpoint when the run kept one (unless --final); says so on stderr."""
+def _model_dir(args) -> str | Path:
+    """--model, or its best/ checkpoint when the run kept one (unless --final); says so on stderr. A name that is
+    not a local folder is passed on as given (it may be a Hub repo id)."""
     path = resolve_model_dir(args.model, final=getattr(args, "final", False))
-    if path != Path(args.model):
-        print(f"using {path} (the best validation point; --final for the last weights)", file=sys.stderr)
+    if path == Path(args.model):
+        return args.model
+    print(f"using {path} (the best validation point; --final for the last weights)", file=sys.stderr)
     return path
 
 
