@@ -200,6 +200,17 @@ def xz_bpb(data: bytes) -> float:
     return 8 * len(lzma.compress(data, preset=9)) / max(len(data), 1)
 
 
+def validator(val_stream, cfg: TrainConfig, entropies=None):
+    """The loop's periodic validation: bpb over the first `cfg.eval_windows` windows of the held-out stream."""
+
+    def validate(model) -> dict:
+        if len(val_stream) <= 1:
+            return {"bpb": float("nan")}
+        return evaluate_stream(model, val_stream, cfg.seq_len, entropies=entropies, max_windows=cfg.eval_windows)
+
+    return validate
+
+
 def lm_forward(model, batch) -> torch.Tensor:
     """Training loss of an LM over ids (the entropy model, the byte and token baselines)."""
     return lm_loss(model(batch["ids"]), batch["targets"])
@@ -259,12 +270,7 @@ def train_entropy(
     model = EntropyModel(config)
     init_weights(model)
 
-    def validate(m):
-        return (
-            evaluate_stream(m, val_stream, cfg.seq_len, entropies=None, max_windows=cfg.eval_windows)
-            if len(val_stream) > 1
-            else {"bpb": float("nan")}
-        )
+    validate = validator(val_stream, cfg, None)
 
     if d.main:
         warn_if_large(model, count_bytes(train_stream), "entropy model")
@@ -432,12 +438,7 @@ def train_blt(
 
     seqs = PackedSequences(train_stream, cfg.seq_len, train_ent)
 
-    def validate(m):
-        return (
-            evaluate_stream(m, val_stream, cfg.seq_len, entropies=val_ent, max_windows=cfg.eval_windows)
-            if len(val_stream) > 1
-            else {"bpb": float("nan")}
-        )
+    validate = validator(val_stream, cfg, val_ent)
 
     if d.main:
         warn_if_large(model, count_bytes(train_stream), "BLT")
