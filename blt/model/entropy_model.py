@@ -34,20 +34,12 @@ class EntropyModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
         """Next-byte logits [B, T, V] for ids [B, T]; every row is independent of the others.
-        With a `cache` prepared by `cache.prefill(lengths)`, the rows' keys/values are kept for `step`."""
+        With a `cache` prepared by `cache.prefill(lengths)`, the rows' keys/values are kept for decoding."""
         h = self.tok_embeddings(ids)
         mask = sequence_self_mask(ids, self.config.sliding_window, self.config.document_mask)
         rope = self.rope(torch.arange(ids.shape[1], device=ids.device))
         h, _ = run_layers(self.layers, h, rope, mask, cache)
         return self.output(self.norm(h))
-
-    def step(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """Logits [B, V] after one more id per row (ids [B], at `positions` [B])."""
-        mask = cache.step(positions, window=self.config.sliding_window)
-        h = self.tok_embeddings(ids[:, None])
-        rope = self.rope(positions[:, None])
-        h, _ = run_layers(self.layers, h, rope, mask, cache)
-        return self.output(self.norm(h))[:, 0]
 
     @torch.no_grad()
     def entropies(self, ids: torch.Tensor) -> torch.Tensor:

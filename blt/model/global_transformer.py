@@ -32,10 +32,3 @@ class GlobalTransformer(nn.Module):
         h = patches if self.in_proj is None else self.in_proj(patches)
         rope = self.rope(torch.arange(h.shape[1], device=h.device))
         return run_layers(self.layers, h, rope, mask, cache)[0]
-
-    def step(self, patches: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, cache) -> torch.Tensor:
-        """One more patch for each row of `rows` (patches [n, k*D_enc] at patch `positions` [n]) -> [n, D_global]."""
-        mask = cache.step(positions, rows)
-        h = (patches if self.in_proj is None else self.in_proj(patches))[:, None]
-        rope = self.rope(positions[:, None])
-        return run_layers(self.layers, h, rope, mask, cache)[0][:, 0]

@@ -58,20 +58,6 @@ class LocalDecoder(nn.Module):
             cache,
         )
 
-    def step(
-        self,
-        h: torch.Tensor,
-        patch_kv: list[tuple[torch.Tensor, torch.Tensor]],
-        positions: torch.Tensor,
-        window: int | None,
-        cache,
-    ) -> torch.Tensor:
-        """Logits [B, V] for one more byte per row: h [B, 1, D] its encoder state, `patch_kv` the keys/values
-        [B, 1, k, H, hd] of the one patch it reads."""
-        mask = cache.step(positions, window=window)
-        read = torch.zeros(h.shape[0], 1, dtype=torch.long, device=h.device)
-        return self._run(h, patch_kv, read, self.rope(positions[:, None]), mask, cache)[:, 0]
-
     def _run(self, h, patch_kv, read, rope, mask, cache):
         for i, layer in enumerate(self.layers):
             if self.has_cross_attn(i):

@@ -76,13 +76,3 @@ class LocalEncoder(nn.Module):
         rope = self.rope(torch.arange(ids.shape[1], device=ids.device))
         h, states = run_layers(self.layers, h, rope, self_mask, cache, keep=self.has_cross_attn)
         return h, self.pool_patches(states, byte_patch_ids, num_patches), states
-
-    def step(
-        self, ids: torch.Tensor, prefix: torch.Tensor, positions: torch.Tensor, window: int | None, cache
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One more byte per row (ids [B], after the `prefix` [B, >= n-1] ids) -> its state [B, 1, D]
-        and its states after each cross-attention layer (for the patch it belongs to)."""
-        mask = cache.step(positions, window=window)
-        h = self.embed(ids[:, None], prefix)
-        rope = self.rope(positions[:, None])
-        return run_layers(self.layers, h, rope, mask, cache, keep=self.has_cross_attn)

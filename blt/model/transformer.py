@@ -178,7 +178,8 @@ class TransformerBlock(nn.Module):
 
 
 def run_layers(layers: nn.ModuleList, h: torch.Tensor, rope: torch.Tensor, mask=None, cache=None, keep=None):
-    """The one loop of a self-attention stack, behind both its forward pass and its decoding step.
+    """The one loop of a self-attention stack, behind its forward pass with or without a cache (prefill); decoding
+    steps run fused inference copies of the same blocks (`block_step`, below).
 
     `mask` None means plain causal attention; a KV `cache` gives layer i its `cache.layer(i)`. Returns the output
     and the states after each layer i for which `keep(i)` holds (the local encoder pools those)."""
