@@ -184,18 +184,15 @@ def test_score_command(saved_model, tmp_path, capsys):
     assert main(["score", "--model", str(path), str(tmp_path / "none.txt")]) == 2
 
 
-def test_ctrl_c_while_streaming_exits_cleanly(tmp_path):
+def test_ctrl_c_while_streaming_exits_cleanly(saved_model):
     import os
     import signal
     import subprocess
     import sys
-
-    # room for far more patches than the stream can make before the signal lands, however late it is scheduled
-    make_model("entropy-global", max_seqlen=1_000_000).save_pretrained(tmp_path / "m")
-    path = tmp_path / "m"
     import time
     from pathlib import Path
 
+    _, path = saved_model
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(
         [
@@ -223,5 +220,5 @@ def test_ctrl_c_while_streaming_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGINT)
     os.set_blocking(proc.stdout.fileno(), True)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err.decode(errors="replace")[-500:]
+    assert proc.returncode == 130
     assert len(received + out) >= 20 and b"Traceback" not in err and b"interrupted" in err
