@@ -321,6 +321,7 @@ def _generate(args) -> None:
         seed=args.seed,
         stop=args.stop,
         stop_at_eos=not args.no_stop_at_eos,
+        compile=args.compile,
     )
     try:
         if not args.raw and not args.no_prompt:
@@ -593,6 +594,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="write the new bytes as they are (no prompt echo, no UTF-8 decoding)"
     )
     p.add_argument("--no-prompt", action="store_true", help="do not echo the prompt")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the decoding steps under torch.compile (same output; compiling takes seconds to a minute first)",
+    )
     p.add_argument("--device", type=device)
     p.set_defaults(func=_generate)
 

@@ -211,3 +211,19 @@ HAND = {
     "local_decoder": 1384,
     "head": 4160,  # 2*8*260
 }
+
+
+SHORT, LONG = "It was", TEXT[:90]  # shorter and longer than the 16-byte local window
+
+
+def generation_model(name, seed=0, **cfg):
+    """A tiny BLT with patcher `name` (of PATCHERS) whose greedy choices are clear-cut."""
+    patcher = PATCHERS[name]()
+    torch.manual_seed(seed)
+    cfg = {"max_seqlen": 2048, **cfg}
+    model = blt.BLT(
+        tiny_config(patching=PatchingConfig(mode=patcher.mode, patch_size=4), **cfg), patcher=patcher
+    ).eval()
+    with torch.no_grad():  # a peaked next-byte distribution: greedy choices are clear-cut, texts vary
+        model.local_decoder.output.weight.mul_(4.0)
+    return model

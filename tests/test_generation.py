@@ -7,26 +7,12 @@ import torch
 import blt
 from blt.config import PatchingConfig
 from blt.inference import IncrementalBLT, generate_recompute
-from tests.helpers import PATCHERS, TEXT, tiny_config
-
-SHORT, LONG = "It was", TEXT[:90]  # shorter and longer than the 16-byte local window
-
-
-def make_model(name, seed=0, **cfg):
-    patcher = PATCHERS[name]()
-    torch.manual_seed(seed)
-    cfg = {"max_seqlen": 2048, **cfg}
-    model = blt.BLT(
-        tiny_config(patching=PatchingConfig(mode=patcher.mode, patch_size=4), **cfg), patcher=patcher
-    ).eval()
-    with torch.no_grad():  # a peaked next-byte distribution: greedy choices are clear-cut, texts vary
-        model.local_decoder.output.weight.mul_(4.0)
-    return model
+from tests.helpers import LONG, PATCHERS, SHORT, TEXT, generation_model, tiny_config
 
 
 @pytest.mark.parametrize("name", list(PATCHERS))
 def test_cached_equals_recompute(name):
-    model = make_model(name)
+    model = generation_model(name)
     cached, cached_logits = blt.inference.generate(model, [SHORT, LONG], 512, return_logits=True, stop_at_eos=False)
     for prompt, out, steps in zip([SHORT, LONG], cached, cached_logits):
         ref, ref_logits = generate_recompute(model, [prompt], 512, return_logits=True, stop_at_eos=False)
@@ -40,7 +26,7 @@ def test_cached_equals_recompute(name):
 
 
 def test_batch_rows_get_what_they_get_alone():
-    model = make_model("entropy-global")
+    model = generation_model("entropy-global")
     prompts = [LONG, "", SHORT, b"\xff\xfe bytes"]
     together = model.generate(prompts, 96, temperature=0.8, top_k=50, seed=7)
     alone = [model.generate([p], 96, temperature=0.8, top_k=50, seed=7)[0] for p in prompts]
@@ -48,7 +34,7 @@ def test_batch_rows_get_what_they_get_alone():
 
 
 def test_sampling_is_reproducible_with_a_seed():
-    model = make_model("space")
+    model = generation_model("space")
     a = model.generate([LONG], 128, temperature=1.0, top_p=0.9, seed=3)
     assert a == model.generate([LONG], 128, temperature=1.0, top_p=0.9, seed=3)
     assert a != model.generate([LONG], 128, temperature=1.0, top_p=0.9, seed=4)
@@ -69,7 +55,7 @@ class Boost(torch.nn.Module):
 
 
 def test_special_ids_are_never_produced():
-    model = make_model("static")
+    model = generation_model("static")
     plain = model.local_decoder.output
     model.local_decoder.output = Boost(plain, [0, 1, 3])  # BOE, BOS, the BPE delimiter
     out = model.generate([SHORT], 64, stop_at_eos=False)[0]
@@ -82,7 +68,7 @@ def test_special_ids_are_never_produced():
 
 
 def test_stop_strings_end_a_row_and_are_left_out():
-    model = make_model("space")
+    model = generation_model("space")
     full = model.generate([LONG], 80)[0]
     stop = full[30:33]
     cut = model.generate([LONG], 80, stop=[stop])[0]
@@ -90,7 +76,7 @@ def test_stop_strings_end_a_row_and_are_left_out():
 
 
 def test_bad_generation_input():
-    model = make_model("static")
+    model = generation_model("static")
     with pytest.raises(blt.BltError, match="max_new_bytes must be a positive integer"):
         model.generate([SHORT], 0)
     with pytest.raises(blt.BltError, match="list of str or bytes"):
@@ -131,7 +117,7 @@ def test_matches_transformers_uncached_generate(tmp_path):
 def test_score_long_text_through_the_cache_equals_one_pass():
     from blt.inference import score
 
-    model = make_model("entropy-global")
+    model = generation_model("entropy-global")
     text = (TEXT * 3).encode()
     one, is_byte = score(model, text)
     cached, _ = score(model, text, max_forward=100)
@@ -144,7 +130,7 @@ def test_score_long_text_through_the_cache_equals_one_pass():
 
 @pytest.fixture
 def saved_model(tmp_path):
-    model = make_model("entropy-global")
+    model = generation_model("entropy-global")
     model.save_pretrained(tmp_path / "m")
     return model, tmp_path / "m"
 
@@ -184,7 +170,7 @@ def test_score_command(saved_model, tmp_path, capsys):
     assert main(["score", "--model", str(path), str(tmp_path / "none.txt")]) == 2
 
 
-def test_ctrl_c_while_streaming_exits_cleanly(saved_model):
+def test_ctrl_c_while_streaming_exits_cleanly(tmp_path):
     import os
     import signal
     import subprocess
@@ -192,7 +178,9 @@ def test_ctrl_c_while_streaming_exits_cleanly(saved_model):
     import time
     from pathlib import Path
 
-    _, path = saved_model
+    # a global context no stream reaches before the signal lands, however late (decoding allocates by use)
+    path = tmp_path / "m"
+    generation_model("static", max_seqlen=10**7).save_pretrained(path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(
         [
@@ -220,5 +208,5 @@ def test_ctrl_c_while_streaming_exits_cleanly(saved_model):
     proc.send_signal(signal.SIGINT)
     os.set_blocking(proc.stdout.fileno(), True)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err.decode(errors="replace")
     assert len(received + out) >= 20 and b"Traceback" not in err and b"interrupted" in err

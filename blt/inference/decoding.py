@@ -17,10 +17,12 @@ byte for byte.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from blt.errors import BltError
@@ -30,7 +32,7 @@ from blt.model.entropy_model import entropy
 from blt.model.hash_embeddings import HASH_PRIMES, _powers
 from blt.model.masks import sequence_self_mask
 from blt.model.patching import EntropyPatcher, limit_patch_length
-from blt.model.transformer import FusedBlock, RopeTable, additive_mask, block_step, rms
+from blt.model.transformer import FusedBlock, additive_mask, attend_step, block_step, rms, step_rotation
 from blt.tokenizer import BOE_ID
 
 
@@ -53,10 +55,35 @@ class DecodingState:
     global_cache: GrowingCache
 
 
+def compiled(fn):
+    """`fn` under `torch.compile`: one graph with static shapes (on a GPU, CUDA graphs replay it).
+
+    Where torch.compile cannot work (a Python version dynamo does not support, or no C++ compiler for
+    inductor), `fn` runs eagerly, with a warning: the output is the same, only slower."""
+    if not torch._dynamo.is_dynamo_supported():
+        warnings.warn("torch.compile is not supported here (see torch._dynamo.is_dynamo_supported); decoding eagerly")
+        return fn
+    mode = "reduce-overhead" if torch.cuda.is_available() else None
+    graph = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+    failed = False
+
+    def run(*args):
+        nonlocal failed
+        if not failed:
+            try:
+                return graph(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # raised before the graph runs: nothing half done
+                failed = True
+                warnings.warn(f"torch.compile failed ({str(e).splitlines()[0]}); decoding eagerly")
+        return fn(*args)
+
+    return run
+
+
 class IncrementalBLT:
     """Prefill and one-byte steps of a batch of rows for one BLT; `state` is set by `prefill`."""
 
-    def __init__(self, model: BLT):
+    def __init__(self, model: BLT, compile: bool = False):
         if model.patcher is None:
             raise BltError("generation needs the model's patcher (an entropy model for entropy patching)")
         self.model = model
@@ -65,6 +92,14 @@ class IncrementalBLT:
         hash_embeddings = model.local_encoder.hash_embeddings
         self.hash_history = hash_embeddings.history if hash_embeddings is not None else 0
         self.state: DecodingState | None = None
+        self.compile = compile
+        self.byte_part, self.close_part, self.decoder_part = self._byte_part, self._close_part, self._decoder_part
+        if compile:
+            self.byte_part, self.close_part, self.decoder_part = (
+                compiled(self._byte_part),
+                compiled(self._close_part),
+                compiled(self._decoder_part),
+            )
 
     def _device_dtype(self):
         p = self.model.local_encoder.tok_embeddings.weight
@@ -119,7 +154,13 @@ class IncrementalBLT:
         decoder_cache = self._local_cache(c.n_layers_local_decoder, c.n_heads_local_decoder, batch, device, dtype)
         n_kv_global = c.n_kv_heads_global or c.n_heads_global
         global_cache = GrowingCache(
-            c.n_layers_global, batch, n_kv_global, c.dim_global // c.n_heads_global, device, dtype
+            c.n_layers_global,
+            batch,
+            n_kv_global,
+            c.dim_global // c.n_heads_global,
+            device,
+            dtype,
+            **({"capacity": c.max_seqlen, "static": True} if self.compile else {}),
         )
         encoder_cache.prefill(lengths)
         num_patches = int(patch_of[:, -1].max()) + 1
@@ -166,7 +207,9 @@ class IncrementalBLT:
         )
         # the open patch's byte states after each cross-attention layer, in buffers [B, capacity, D]
         st = self.state
-        capacity = max(16, self.patcher.max_patch_length or 0, int(st.open_len.max()) + 1)
+        # compiled, room for a patch as long as the local window from the start (a longer one recompiles once)
+        least = self.patcher.max_patch_length or (c.local_attention_window_len or 512 if self.compile else 16)
+        capacity = max(least, int(st.open_len.max()) + 1)
         for layer_states in states:
             buf = layer_states.new_zeros(batch, capacity, layer_states.shape[-1])
             for b in range(batch):
@@ -174,8 +217,7 @@ class IncrementalBLT:
                 buf[b, :n] = layer_states[b, lengths[b] - n : lengths[b]]
             st.open.append(buf)
         self.open_bound = int(st.open_len.max())  # an upper bound of open_len, kept without reading it
-        self.max_position = int(lengths.max()) - 1  # highest position fed so far
-        self._prepare_step(batch, int(lengths.max()))
+        self._prepare_step(batch)
         return logits
 
     @staticmethod
@@ -185,23 +227,16 @@ class IncrementalBLT:
         return torch.cat([torch.full((n - len(tail),), BOE_ID, dtype=ids.dtype, device=ids.device), tail])
 
     # ---- one byte per row ----------------------------------------------------------------------------
-    def _prepare_step(self, batch: int, longest: int) -> None:
-        """Inference copies for the steps: fused blocks, RoPE tables, the hash powers, the open-patch buffers."""
-        m, c, s = self.model, self.config, self.state
+    def _prepare_step(self, batch: int) -> None:
+        """Inference copies for the steps: fused blocks, the hash powers, views of the decoder's patch keys."""
+        m, s = self.model, self.state
         device = s.positions.device
-        n_local = longest + 1024
         self.enc_blocks = [FusedBlock(b) for b in m.local_encoder.layers]
         self.dec_blocks = [FusedBlock(b) for b in m.local_decoder.layers]
         self.glb_blocks = [FusedBlock(b) for b in m.global_transformer.layers]
-        self.enc_rope = RopeTable(m.local_encoder.rope, n_local)
-        self.dec_rope = RopeTable(m.local_decoder.rope, n_local)
-        self.glb_rope = RopeTable(m.global_transformer.rope, c.max_seqlen + 1)
-        self.ropes_cover = n_local  # positions below this have rotations in the local tables
-        self.em_blocks, self.em_rope = None, None
+        self.em_blocks = None
         if isinstance(self.patcher, EntropyPatcher):
-            em = self.patcher.entropy_model
-            self.em_blocks = [FusedBlock(b) for b in em.layers]
-            self.em_rope = RopeTable(em.rope, n_local)
+            self.em_blocks = [FusedBlock(b) for b in self.patcher.entropy_model.layers]
         self.rows = torch.arange(batch, device=device)
         self.dtype = m.local_encoder.tok_embeddings.weight.dtype
         self.hash_powers = self._hash_powers(device)
@@ -253,17 +288,28 @@ class IncrementalBLT:
     @torch.no_grad()
     def step(self, next_ids: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """Feed one id per row -> the next logits [B, V]. Rows not `active` (finished) still move
-        along but cannot fail."""
+        along but cannot fail.
+
+        Two parts with static shapes (`byte_part`, `close_part`, `decoder_part`, compiled when the engine was made with
+        `compile=True`) the middle one per-patch work, which runs only when some row closes a patch."""
+        self._room_for_one_more()
+        h, closing = self.byte_part(next_ids.to(self.rows.device))
+        if bool(closing.any()):
+            full = closing & (self.state.n_patches >= self.config.max_seqlen)
+            if bool((full if active is None else full & active.to(full.device)).any()):
+                raise BltError(
+                    f"the text reached the global transformer's context of {self.config.max_seqlen} patches "
+                    "(max_seqlen)"
+                )
+            self.close_part(closing & ~full)  # a finished row that is full closes no more patches
+        return self.decoder_part(h)
+
+    def _byte_part(self, next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entropy model, patch rule and local encoder for one new id per row -> the encoder output [B, D]
+        and whether the byte after this one opens a patch [B]; the byte joins its row's open patch."""
         m, c, s = self.model, self.config, self.state
         pos = s.positions
-        next_ids = next_ids.to(pos.device)
         prev_id, cur_id = s.history[:, -1], next_ids
-        self.max_position += 1
-        if self.max_position >= self.ropes_cover:
-            self.ropes_cover = 2 * self.max_position
-            for table in (self.enc_rope, self.dec_rope, self.em_rope):
-                if table is not None:
-                    table.ensure(self.ropes_cover)
         window, h_dtype = c.local_attention_window_len, self.dtype
 
         # does the byte after this one open a patch? (the same rule as over a whole sequence)
@@ -273,7 +319,7 @@ class IncrementalBLT:
             h, _ = self._run_blocks(
                 self.em_blocks,
                 em.tok_embeddings(next_ids),
-                self.em_rope(pos),
+                step_rotation(em.rope, pos),
                 additive_mask(mask, h_dtype),
                 s.entropy_cache,
             )
@@ -291,34 +337,30 @@ class IncrementalBLT:
         h, states = self._run_blocks(
             self.enc_blocks,
             self._embed(next_ids),
-            self.enc_rope(pos),
+            step_rotation(enc.rope, pos),
             additive_mask(mask, h_dtype),
             s.encoder_cache,
             keep=enc.has_cross_attn,
         )
         s.history = torch.cat([s.history[:, 1:], next_ids[:, None]], dim=1)
-        self._room_for_one_more()
         for buf, st in zip(s.open, states):
             buf[self.rows, s.open_len] = st
         s.open_len += 1
-        self.open_bound += 1
+        return h, opens_next
 
-        # rows whose patch ends with this byte: pool it, one global step, new keys for the decoder
-        closing = opens_next.nonzero().flatten()
-        if len(closing):
-            self._close(closing, active)
-
-        # local decoder: cross-attention to the last closed patch, then its block, on every layer
-        dec = m.local_decoder
-        mask = additive_mask(s.decoder_cache.step(pos, window=window), h_dtype)
-        rotation = self.dec_rope(pos)
+    def _decoder_part(self, h: torch.Tensor) -> torch.Tensor:
+        """Local decoder for the newest byte of every row (encoder output `h` [B, D]) -> next logits [B, V]:
+        cross-attention to the row's last closed patch, then the block, on every layer."""
+        m, c, s = self.model, self.config, self.state
+        pos, dec = s.positions, m.local_decoder
+        mask = additive_mask(s.decoder_cache.step(pos, window=c.local_attention_window_len), self.dtype)
+        rotation = step_rotation(dec.rope, pos)
         for i, b in enumerate(self.dec_blocks):
             if dec.has_cross_attn(i):
                 j = i if dec.cross_all_layers else 0
                 cross, (wq, wo) = dec.cross_attn[j], self.cross_weights[j]
                 query = torch.mm(rms(cross.q_norm, h), wq).unflatten(-1, (cross.attn.n_heads, -1))  # [B, H, hd]
-                out = F.scaled_dot_product_attention(query[:, :, None], *self.read_views[j])  # [B, H, 1, hd]
-                h = h + (h + torch.mm(out.flatten(1), wo))
+                h = h + (h + torch.mm(attend_step(query, *self.read_views[j]), wo))
             h = block_step(b, h, rotation, mask, s.decoder_cache.layer(i))
         s.positions = pos + 1
         return dec.output(dec.norm(h))
@@ -326,31 +368,28 @@ class IncrementalBLT:
     def _room_for_one_more(self) -> None:
         """Grow the open-patch buffers (doubling) if a row's patch could outgrow them this step."""
         s = self.state
-        if self.open_bound < s.open[0].shape[1]:
+        self.open_bound += 1  # after this step's byte
+        if self.open_bound <= s.open[0].shape[1]:
             return
-        self.open_bound = int(s.open_len.max())
-        if self.open_bound >= s.open[0].shape[1]:
+        self.open_bound = int(s.open_len.max()) + 1
+        if self.open_bound > s.open[0].shape[1]:
             s.open = [F.pad(buf, (0, 0, 0, buf.shape[1])) for buf in s.open]
 
-    def _close(self, closing: torch.Tensor, active: torch.Tensor | None) -> None:
-        """Pool the open patches of `closing` rows, one global step for them, new decoder keys."""
-        m, c, s = self.model, self.config, self.state
-        full = s.n_patches[closing] >= c.max_seqlen
-        if active is not None:
-            full &= active.to(full.device)[closing]
-        if bool(full.any()):
-            raise BltError(f"the text reached the global transformer's context of {c.max_seqlen} patches (max_seqlen)")
-        lengths = s.open_len[closing]
-        longest = int(lengths.max())
-        member = (torch.arange(longest, device=lengths.device) >= lengths[:, None]).long()  # patch 1: padding
-        vectors = m.local_encoder.pool_patches([buf[closing, :longest] for buf in s.open], member, 2)[:, 0]
-        glb, positions = m.global_transformer, s.n_patches[closing]
-        mask = s.global_cache.step(positions, closing)
+    def _close_part(self, closing: torch.Tensor) -> None:
+        """For the rows where `closing` [B] holds: pool the open patch, one global step, new decoder keys.
+        Every row is computed (static shapes); the others keep their state."""
+        m, s = self.model, self.state
+        capacity = s.open[0].shape[1]
+        member = (torch.arange(capacity, device=closing.device) >= s.open_len[:, None]).long()  # patch 1: padding
+        vectors = m.local_encoder.pool_patches(s.open, member, 2)[:, 0]
+        glb, positions = m.global_transformer, s.n_patches
+        mask = s.global_cache.step(positions, store=closing)
         h = vectors if glb.in_proj is None else glb.in_proj(vectors)
         mask = additive_mask(mask, h.dtype)
-        out, _ = self._run_blocks(self.glb_blocks, h, self.glb_rope(positions), mask, s.global_cache)
+        out, _ = self._run_blocks(self.glb_blocks, h, step_rotation(glb.rope, positions), mask, s.global_cache)
         for j, (k, v) in enumerate(m.local_decoder.patch_kv(out[:, None])):
             rk, rv = s.read_kv[j]
-            rk[closing], rv[closing] = k, v
-        s.n_patches[closing] += 1
-        s.open_len[closing] = 0
+            rk.copy_(torch.where(closing[:, None, None, None, None], k, rk))
+            rv.copy_(torch.where(closing[:, None, None, None, None], v, rv))
+        s.n_patches += closing.long()
+        s.open_len.masked_fill_(closing, 0)

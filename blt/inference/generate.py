@@ -31,15 +31,19 @@ def stream(
     stop: Sequence[str | bytes] | None = None,
     stop_at_eos: bool = True,
     return_logits: bool = False,
+    compile: bool = False,
 ) -> Iterator[list]:
     """Generate step by step. Each step yields one item per prompt: the bytes it added (b"" for a
     BPE delimiter), or (bytes, logits it sampled from) with `return_logits`; None once the row is done
-    (EOS, a stop string, or `max_new_bytes`)."""
+    (EOS, a stop string, or `max_new_bytes`). `compile` runs the steps under `torch.compile` (see
+    `IncrementalBLT`): the first step of a batch size compiles, the rest run one graph each."""
     raw = check_generation_args(prompts, max_new_bytes, temperature, top_k, top_p)
+    if not isinstance(compile, bool):
+        raise BltError(f"compile must be True or False, got {compile!r}")
     was_training = model.training
     model.eval()
     try:
-        engine = IncrementalBLT(model)
+        engine = IncrementalBLT(model, compile=compile)
         logits = engine.prefill([model.encode(p) for p in raw])
         bpe = model.patcher.mode == "bpe"
         allowed = allowed_ids(stop_at_eos, bpe, logits.device)
@@ -131,12 +135,14 @@ class GenerationMixin:
         seed: int | None = None,
         stop=None,
         stop_at_eos: bool = True,
+        compile: bool = False,
     ) -> list[bytes]:
         """The new bytes for each prompt (str or bytes), with caches at every level.
 
         Greedy at temperature 0, else top-k / top-p sampling; a fixed `seed` reproduces a run, and each
         prompt of a batch gets exactly what it gets alone. Only bytes are produced, and EOS when
-        `stop_at_eos` (it ends the row); `stop` strings end a row too and are left out.
+        `stop_at_eos` (it ends the row); `stop` strings end a row too and are left out. `compile` runs the
+        decoding steps under `torch.compile` (same output; the first call of a batch size compiles).
         """
         return generate(
             self,
@@ -148,6 +154,7 @@ class GenerationMixin:
             seed=seed,
             stop=stop,
             stop_at_eos=stop_at_eos,
+            compile=compile,
         )
 
     def stream(self, prompts, max_new_bytes: int, **kwargs) -> Iterator[list]:

@@ -8,8 +8,12 @@ Two kinds, both keeping every row of a batch on its own clock (prompts of differ
 Attention calls `cache.layer(i).update(k, v)`, and what that does is the cache's pending write:
 - after `prefill(lengths)`, k/v hold a whole right-padded sequence: each row stores its last positions and
   attention proceeds over the sequence itself;
-- after `step(positions, rows)`, k/v hold one new position per selected row: it is written to its slot and
-  attention reads the row's slots, under the mask `step` returned.
+- after `step(positions)`, k/v hold one new position per row: it is written to its slot and attention reads
+  the row's slots, under the mask `step` returned. A `store` mask keeps some rows' positions out of the cache
+  (the global cache of a row whose patch did not close): their attention output is meaningless and dropped.
+
+Every shape a step sees is fixed (a `GrowingCache` made with `static=True` never grows), so a compiled step
+runs one graph at every position.
 """
 
 from __future__ import annotations
@@ -31,11 +35,9 @@ class PrefillWrite:
 
 @dataclass
 class StepWrite:
-    """Store the one new k/v of each of `rows` in its slot; attend to the first `used` slots."""
+    """Store the one new k/v of every row in its slot; attend to the first `used` slots."""
 
-    rows: torch.Tensor
     slots: torch.Tensor
-    every_row: bool
     used: int
 
 
@@ -49,6 +51,7 @@ class KVCache:
             torch.zeros(batch, capacity, n_kv_heads, head_dim, device=device, dtype=dtype) for _ in range(n_layers)
         ]
         self.v = [torch.zeros_like(t) for t in self.k]
+        self.rows = torch.arange(batch, device=device)
         self.pending: PrefillWrite | StepWrite | None = None
 
     def _keep(self, lengths: torch.Tensor) -> torch.Tensor:
@@ -58,8 +61,8 @@ class KVCache:
     def _prefill_slots(self, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _step_slots(self, positions: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Slots of one new position per row of `rows`, and how many slots attention reads."""
+    def _step_slots(self, positions: torch.Tensor, store: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Slots of one new position per row, and how many slots attention reads."""
         raise NotImplementedError
 
     def prefill(self, lengths: torch.Tensor) -> None:
@@ -75,34 +78,30 @@ class KVCache:
         self.pending = PrefillWrite(rows, positions, slots)
 
     def step(
-        self, positions: torch.Tensor, rows: torch.Tensor | None = None, window: int | None = None
+        self, positions: torch.Tensor, window: int | None = None, store: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One new position per row of `rows` (sorted and unique; default: all) -> their attention mask [n, 1, 1, S]."""
-        batch = self.pos.shape[0]
-        every_row = rows is None or len(rows) == batch
-        if rows is None:
-            rows = torch.arange(batch, device=self.pos.device)
-        slots, used = self._step_slots(positions, rows)
-        self.pos[rows, slots] = positions
-        self.pending = StepWrite(rows, slots, every_row, used)
-        seen = (self.pos if every_row else self.pos[rows])[:, :used]  # [n, S]
+        """One new position per row (kept where `store` [B] holds; default: every row) -> the rows' attention
+        mask [B, 1, 1, S]."""
+        slots, used = self._step_slots(positions, store)
+        held = self.pos[self.rows, slots]
+        self.pos[self.rows, slots] = positions if store is None else torch.where(store, positions, held)
+        self.pending = StepWrite(slots, used)
+        seen = self.pos[:, :used]  # [B, S]
         mask = (seen >= 0) & (seen <= positions[:, None])
         if window is not None:
             mask &= seen > positions[:, None] - window
         return mask[:, None, None, :]
 
     def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's new keys/values [B|n, T, Hkv, hd] -> those its attention reads."""
+        """Layer i's new keys/values [B, T, Hkv, hd] -> those its attention reads."""
         w = self.pending
         if isinstance(w, PrefillWrite):
             self.k[i][w.rows, w.slots] = k[w.rows, w.positions].to(self.k[i].dtype)
             self.v[i][w.rows, w.slots] = v[w.rows, w.positions].to(self.v[i].dtype)
             return k, v
-        self.k[i][w.rows, w.slots] = k[:, 0]
-        self.v[i][w.rows, w.slots] = v[:, 0]
-        if w.every_row:
-            return self.k[i][:, : w.used], self.v[i][:, : w.used]
-        return self.k[i][w.rows, : w.used], self.v[i][w.rows, : w.used]
+        self.k[i][self.rows, w.slots] = k[:, 0]
+        self.v[i][self.rows, w.slots] = v[:, 0]
+        return self.k[i][:, : w.used], self.v[i][:, : w.used]
 
     def layer(self, i: int) -> LayerCache:
         return LayerCache(self, i)
@@ -132,21 +131,35 @@ class WindowCache(KVCache):
     def _prefill_slots(self, positions):
         return positions % self.size
 
-    def _step_slots(self, positions, rows):
+    def _step_slots(self, positions, store):
         return positions % self.size, self.size
 
 
 class GrowingCache(KVCache):
-    """One slot per position, in order; capacity doubles when full. Attention reads only the filled slots."""
+    """One slot per position, in order. Attention reads only the filled slots, and capacity doubles when full;
+    or, `static`, the cache holds `capacity` slots from the start and attention reads all of them (masked)."""
 
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, device, dtype, capacity: int = 64):
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        device,
+        dtype,
+        capacity: int = 64,
+        static: bool = False,
+    ):
         super().__init__(n_layers, batch, n_kv_heads, head_dim, capacity, device, dtype)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)  # filled slots per row
+        self.static = static
 
     def _grow(self, needed: int) -> None:
         capacity = self.pos.shape[1]
         if needed <= capacity:
             return
+        if self.static:
+            raise ValueError(f"a static cache of {capacity} slots cannot hold {needed}")
         extra = max(needed, 2 * capacity) - capacity
         self.pos = F.pad(self.pos, (0, extra), value=-1)
         self.k = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in self.k]
@@ -160,11 +173,13 @@ class GrowingCache(KVCache):
     def _prefill_slots(self, positions):
         return positions
 
-    def _step_slots(self, positions, rows):
-        slots = self.count[rows]
+    def _step_slots(self, positions, store):
+        slots = self.count.clone()
+        self.count += 1 if store is None else store.long()
+        if self.static:  # a row that does not store may point one past the end: it writes its last slot
+            return slots.clamp(max=self.pos.shape[1] - 1), self.pos.shape[1]
         self._grow(int(slots.max()) + 1)
-        self.count[rows] += 1
-        return slots, int(self.count[rows].max())
+        return slots, int(self.count.max())
 
 
 def stack_cache(

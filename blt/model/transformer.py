@@ -247,23 +247,6 @@ class FusedBlock:
         self.rep = a.n_heads // a.n_kv_heads
 
 
-class RopeTable:
-    """RoPE rotations of positions 0..n-1 computed once ([n, hd/2] complex64), indexed per step."""
-
-    def __init__(self, rope: RotaryEmbedding, n: int):
-        self.rope = rope
-        self.table = rope(torch.arange(n, device=rope.inv_freq.device))
-
-    def ensure(self, n: int) -> None:
-        """Room for positions < n (doubling)."""
-        if n > len(self.table):
-            self.table = self.rope(torch.arange(max(n, 2 * len(self.table)), device=self.table.device))
-
-    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
-        """positions [B] -> rotations [B, 1, hd/2] (one position per row, broadcast over heads)."""
-        return self.table[positions][:, None]
-
-
 def rms(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
     """`norm(x)` in the few kernels of its own arithmetic (float32; else the library call)."""
     if x.dtype != torch.float32 or norm.eps is None:
@@ -276,23 +259,52 @@ def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def step_rotation(rope: RotaryEmbedding, positions: torch.Tensor) -> torch.Tensor:
+    """The rotations of one position per row, [B, 1, hd/2]: complex, or compiled, its (cos, sin) [B, 1, hd/2, 2]
+    (inductor generates no code for complex numbers)."""
+    if torch.compiler.is_compiling():
+        angles = positions.float()[:, None, None] * rope.inv_freq
+        return torch.stack([angles.cos(), angles.sin()], dim=-1)
+    return rope(positions)[:, None]
+
+
+def rotate_step(qk: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """RoPE for one position per row: qk [B, H, hd] (queries and keys together), rotation from `step_rotation`."""
+    if torch.compiler.is_compiling():  # real arithmetic
+        x = qk.float().unflatten(-1, (-1, 2))
+        c, s = rotation[..., 0], rotation[..., 1]
+        x0, x1 = x[..., 0], x[..., 1]
+        return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).type_as(qk)
+    if qk.dtype == torch.float32:  # as complex pairs, one kernel
+        pairs = torch.view_as_complex(qk.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * rotation).flatten(-2)
+    return apply_rotary(qk[:, None], rotation)[:, 0]
+
+
+def attend_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query per row and head: q [B, H, hd], k/v [B, H, S, hd], additive mask [B, 1, 1, S]
+    -> [B, H * hd]. Compiled, it is spelled out so that inductor fuses it (the library kernel is slow at
+    this size on a CPU)."""
+    if not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask).flatten(1)
+    scores = torch.einsum("bhd,bhsd->bhs", q.float(), k.float()) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores + mask[:, 0]
+    return torch.einsum("bhs,bhsd->bhd", scores.softmax(-1), v.float()).flatten(1).type_as(q)
+
+
 def block_step(b: FusedBlock, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
     """`TransformerBlock.forward` for one position per row: x [B, D], rotation [B, 1, hd/2], mask [B, 1, 1, S]
     (additive) over the slots `cache.update` returns -> [B, D]. The same arithmetic in fewer kernels."""
     h_q, h_kv, hd = b.n_heads, b.n_kv_heads, b.head_dim
     qkv = torch.mm(rms(b.attn_norm, x), b.wqkv)  # [B, (H + 2 Hkv) hd]
     qk, v = qkv[:, : (h_q + h_kv) * hd], qkv[:, (h_q + h_kv) * hd :]
-    if qk.dtype == torch.float32:  # q and k rotated together, as complex pairs
-        pairs = torch.view_as_complex(qk.unflatten(-1, (h_q + h_kv, hd // 2, 2)))
-        qk = torch.view_as_real(pairs * rotation).flatten(-2)  # [B, H + Hkv, hd]
-    else:
-        qk = apply_rotary(qk.unflatten(-1, (h_q + h_kv, hd))[:, None], rotation)[:, 0]
+    qk = rotate_step(qk.unflatten(-1, (h_q + h_kv, hd)), rotation)  # [B, H + Hkv, hd]
     q, k = qk[:, :h_q], qk[:, h_q:]
     k, v = cache.update(k[:, None], v.unflatten(-1, (h_kv, hd))[:, None])  # [B, S, Hkv, hd]
     k, v = k.transpose(1, 2), v.transpose(1, 2)
     if b.rep > 1:
         k, v = k.repeat_interleave(b.rep, dim=1), v.repeat_interleave(b.rep, dim=1)
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask)  # [B, H, 1, hd]
-    h = x + torch.mm(out.flatten(1), b.wo)
+    h = x + torch.mm(attend_step(q, k, v, mask), b.wo)
     gate, up = torch.mm(rms(b.ffn_norm, h), b.w13).split(b.hidden, dim=-1)
     return h + torch.mm(F.silu(gate) * up, b.w2)

@@ -1,0 +1,62 @@
+"""`compile=True`: the decoding steps under torch.compile give what eager decoding gives, in one graph per
+step part at every position (no recompilation as positions, patches and prompts change), and fall back to
+eager decoding with a warning where torch.compile cannot work."""
+
+import pytest
+import torch
+import torch._dynamo
+
+import blt
+from blt.inference import generate_recompute
+from tests.helpers import LONG, PATCHERS, SHORT, generation_model
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()  # every model compiles anew, and dynamo's per-function cache never fills up
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_generation_is_exact_and_never_recompiles():
+    model = generation_model("entropy-global")
+    eager = [model.generate([p], 300, stop_at_eos=False)[0] for p in (SHORT, LONG)]
+    # the first call compiles; with recompilation an error, the rest runs one graph per part throughout:
+    # positions past the 16-byte window, ~75 patches, a new engine and prompts of another length
+    first = model.generate([SHORT], 8, stop_at_eos=False, compile=True)[0]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = [model.generate([p], 300, stop_at_eos=False, compile=True)[0] for p in (SHORT, LONG)]
+    assert first == eager[0][:8]
+    assert compiled == eager
+    assert compiled[0][:100] == generate_recompute(model, [SHORT], 100, stop_at_eos=False)[0]
+
+
+def test_compiled_batch_rows_get_what_they_get_alone():
+    model = generation_model("space-max-length")
+    prompts = [LONG, "", SHORT]
+    together = model.generate(prompts, 200, temperature=0.8, top_k=50, seed=7, compile=True)
+    alone = [model.generate([p], 200, temperature=0.8, top_k=50, seed=7)[0] for p in prompts]
+    assert together == alone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PATCHERS))
+def test_compiled_equals_eager_for_every_patcher(name):
+    model = generation_model(name)
+    prompts = [SHORT, LONG]
+    eager = [model.generate([p], 512, stop_at_eos=False)[0] for p in prompts]
+    assert [model.generate([p], 512, stop_at_eos=False, compile=True)[0] for p in prompts] == eager
+
+
+def test_without_torch_compile_decoding_is_eager_with_a_warning(monkeypatch):
+    model = generation_model("static")
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    with pytest.warns(UserWarning, match="torch.compile is not supported here"):
+        out = model.generate([SHORT], 64, stop_at_eos=False, compile=True)
+    assert out == model.generate([SHORT], 64, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_compile_must_be_a_bool(value):
+    with pytest.raises(blt.BltError, match="compile must be True or False"):
+        generation_model("static").generate([SHORT], 4, compile=value)
