@@ -165,12 +165,20 @@ class GenerationMixin:
         seed: int | None = None,
         stop=None,
         stop_at_eos: bool = True,
+        speculate: int = 0,
+        draft: str = "self",
+        stats: SpeculationStats | None = None,
     ) -> list[bytes]:
         """The new bytes for each prompt (str or bytes), with caches at every level.
 
         Greedy at temperature 0, else top-k / top-p sampling; a fixed `seed` reproduces a run, and each
         prompt of a batch gets exactly what it gets alone. Only bytes are produced, and EOS when
         `stop_at_eos` (it ends the row); `stop` strings end a row too and are left out.
+
+        `speculate=k` drafts k bytes at a time (`draft`: "self", the local models past the patch boundary, the
+        default; or "entropy", the entropy model) and verifies them in one pass of the whole model: the same
+        bytes when greedy, the same distribution when sampling; pass a `SpeculationStats` as `stats` to get the
+        acceptance rate and bytes per full-model pass.
         """
         return generate(
             self,
@@ -182,6 +190,9 @@ class GenerationMixin:
             seed=seed,
             stop=stop,
             stop_at_eos=stop_at_eos,
+            speculate=speculate,
+            draft=draft,
+            stats=stats,
         )
 
     def stream(self, prompts, max_new_bytes: int, **kwargs) -> Iterator[list]:
