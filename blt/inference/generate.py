@@ -62,7 +62,8 @@ def stream(
         taken = [0] * len(raw)  # ids each row has taken
         budget = 2 * max_new_bytes + 16 if bpe else max_new_bytes  # delimiters add steps, not bytes
         ids = sample_next(logits, allowed, temperature, top_k, top_p, generators)
-        chosen, step_logits = [[i] for i in ids.tolist()], logits
+        chosen = [[i] for i in ids.tolist()]
+        step_logits = logits[:, None] if speculate else logits  # [B, m, V] or [B, V]: what chosen[b] came from
         if speculate:
             speculator = Speculator(engine, speculate, draft, allowed, temperature, top_k, top_p, generators, stats)
             speculator.stats.passes += len(raw)
