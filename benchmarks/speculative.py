@@ -27,14 +27,15 @@ from blt.inference import SpeculationStats, generate  # noqa: E402
 from blt.weights import load_blt  # noqa: E402
 
 
-def measure(model, name: str, new_bytes: int, ks=(0, 2, 4, 8)) -> list[dict]:
+def measure(model, name: str, new_bytes: int, rows: list[dict], save, ks=(0, 2, 4, 8)) -> None:
     drafts = ["self"] + (["entropy"] if model.patcher.mode == "entropy" else [])
     generate(model, [PROMPT], 16, stop_at_eos=False)  # warm-up
     t = time.perf_counter()
     plain = generate(model, [PROMPT], new_bytes, stop_at_eos=False)[0]
     plain_rate = new_bytes / (time.perf_counter() - t)
-    rows = [{"model": name, "draft": None, "speculate": 0, "bytes_per_s": plain_rate, "bytes_per_pass": 1.0}]
+    rows.append({"model": name, "draft": None, "speculate": 0, "bytes_per_s": plain_rate, "bytes_per_pass": 1.0})
     print(json.dumps(rows[-1]), flush=True)
+    save()
     for draft in drafts:
         for k in ks:
             if k == 0:
@@ -57,7 +58,7 @@ def measure(model, name: str, new_bytes: int, ks=(0, 2, 4, 8)) -> list[dict]:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    return rows
+            save()
 
 
 def main() -> None:
@@ -68,12 +69,7 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a note for the JSON (e.g. that the machine was shared)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    rows = []
-    for name in filter(None, args.configs.split(",")):
-        rows += measure(build(name), f"{name} (random weights)", args.new_bytes)
-    if args.model:
-        rows += measure(load_blt(args.model, device="cpu").eval(), args.model, args.new_bytes)
-    RESULTS.mkdir(exist_ok=True)
+    rows: list[dict] = []
     out = {
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "note": args.note,
@@ -83,7 +79,15 @@ def main() -> None:
         "dtype": "float32",
         "runs": rows,
     }
-    (RESULTS / "speculative.json").write_text(json.dumps(out, indent=2) + "\n")
+    RESULTS.mkdir(exist_ok=True)
+
+    def save():  # after every run: a long measurement interrupted still leaves what it measured
+        (RESULTS / "speculative.json").write_text(json.dumps(out, indent=2) + "\n")
+
+    for name in filter(None, args.configs.split(",")):
+        measure(build(name), f"{name} (random weights)", args.new_bytes, rows, save)
+    if args.model:
+        measure(load_blt(args.model, device="cpu").eval(), args.model, args.new_bytes, rows, save)
 
 
 if __name__ == "__main__":
