@@ -23,6 +23,7 @@ from blt.experiments.demo import run_demo
 from blt.experiments.visualize import patch_html, patch_png, patch_view, terminal
 from blt.flops import flops_per_byte, format_table
 from blt.inference import score
+from blt.inference.speculative import DRAFTS, SpeculationStats
 from blt.presets import BLT_PRESETS, ENTROPY_PRESETS
 from blt.tokenizer import StreamDecoder
 from blt.training.recipes import evaluate_model, resolve_model_dir, train_blt, train_entropy
@@ -48,6 +49,13 @@ def positive_int(text: str) -> int:
     value = _number(int, text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
     return value
 
 
@@ -322,6 +330,9 @@ def _generate(args) -> None:
         stop=args.stop,
         stop_at_eos=not args.no_stop_at_eos,
         compile=args.compile,
+        speculate=args.speculate,
+        draft=args.draft,
+        stats=SpeculationStats(),
     )
     try:
         if not args.raw and not args.no_prompt:
@@ -335,6 +346,8 @@ def _generate(args) -> None:
         if not args.raw:
             out.write((decoder.flush() + "\n").encode())
         out.flush()
+        if kwargs["stats"].passes:  # it ran (on Ctrl-C too)
+            print(kwargs["stats"].summary(), file=sys.stderr)
 
 
 def _score(args) -> None:
@@ -598,6 +611,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="run the decoding steps under torch.compile (same output; compiling takes seconds to a minute first)",
+    )
+    p.add_argument(
+        "--speculate",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="draft K bytes at a time and verify them in one pass of the whole model (same output; 0, the default: "
+        "off); prints the acceptance rate and bytes per full-model pass to stderr at the end",
+    )
+    p.add_argument(
+        "--draft",
+        choices=DRAFTS,
+        default="self",
+        help="what drafts with --speculate: self (default: the local encoder and decoder past the patch boundary, "
+        "no global step) or entropy (the entropy model)",
     )
     p.add_argument("--device", type=device)
     p.set_defaults(func=_generate)

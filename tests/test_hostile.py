@@ -188,6 +188,10 @@ for flag, value in (("--temperature", "nan"), ("--temperature", "inf"), ("--temp
                     ("--device", "tpu")):  # fmt: skip
     case(f"generate{flag}={value}", G + ["hi", flag, value], "--stop" if flag == "--stop" else repr(value))
 case("generate-long-prompt", G + ["x" * 1_000_000], "1000000 bytes")
+for value in ("-1", "x", "1.5"):
+    case(f"generate--speculate={value}", G + ["hi", "--speculate", value], repr(value))
+case("generate--draft=magic", G + ["hi", "--speculate", "2", "--draft", "magic"], "'magic'")
+case("generate--draft=entropy-without-one", G + ["hi", "--speculate", "2", "--draft", "entropy"], "entropy model")
 case("patch--png=x.qqq", "patch --model {base}/model hello --png {work}/x.qqq".split(), "x.qqq")
 case("patch-empty", ["patch", "--model", "{base}/model", ""], "empty")
 case("patch-nothing", "patch --model {base}/model".split(), "--file")
@@ -333,7 +337,19 @@ for name, args in (
 ):
     api(f"generate-args.{name}", lambda a=args: check_generation_args(*a), name.split("=")[0])
 api("stop=5", lambda: StopChecker(5), "stop")
+for name, args in (("speculate=-1", (-1, "self")), ("speculate=2.0", (2.0, "self")),
+                   ("speculate=True", (True, "self")), ("speculate=str", ("4", "self")), ("draft=magic", (2, "magic")),
+                   ("draft=None", (2, None))):  # fmt: skip
+    api(f"speculation.{name}", lambda a=args: _static_model().generate(["hi"], 4, speculate=a[0], draft=a[1]),
+        name.split("=")[0])  # fmt: skip
+api("speculation.entropy-draft-without-entropy-model",
+    lambda: _static_model().generate(["hi"], 4, speculate=2, draft="entropy"), "entropy model")  # fmt: skip
 api("stop=[1]", lambda: StopChecker([1]), "1")
+
+
+def _static_model() -> blt.BLT:
+    torch.manual_seed(0)
+    return blt.BLT(tiny_config()).eval()
 
 
 def _write_model_with(path: Path, change) -> Path:

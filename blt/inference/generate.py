@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from blt.errors import BltError
 from blt.inference.decoding import IncrementalBLT
 from blt.inference.sampling import StopChecker, allowed_ids, check_generation_args, row_generators, sample_next
+from blt.inference.speculative import SpeculationStats, SpeculativeBLT, Speculator, check_speculation
 from blt.model.blt import BLT
 from blt.tokenizer import EOS_ID, OFFSET
 
@@ -31,19 +32,29 @@ def stream(
     stop: Sequence[str | bytes] | None = None,
     stop_at_eos: bool = True,
     return_logits: bool = False,
+    speculate: int = 0,
+    draft: str = "self",
+    stats: SpeculationStats | None = None,
     compile: bool = False,
 ) -> Iterator[list]:
     """Generate step by step. Each step yields one item per prompt: the bytes it added (b"" for a
     BPE delimiter), or (bytes, logits it sampled from) with `return_logits`; None once the row is done
-    (EOS, a stop string, or `max_new_bytes`). `compile` runs the steps under `torch.compile` (see
-    `IncrementalBLT`): the first step of a batch size compiles, the rest run one graph each."""
+    (EOS, a stop string, or `max_new_bytes`).
+
+    `speculate=k` (> 0) drafts k bytes per step with `draft` ("self": the local models past the patch boundary,
+    the default; "entropy": the entropy model) and keeps what the full model would produce, verified in one
+    pass: the same bytes as plain decoding when greedy, the same distribution when sampling. A step then adds
+    up to k+1 ids per row (with `return_logits`, their logits [m, V]); `stats` (a `SpeculationStats`) is
+    filled with the acceptance counts. `compile` runs the steps under `torch.compile` (see `IncrementalBLT`): the
+    first step of a batch size compiles, the rest run one graph each."""
     raw = check_generation_args(prompts, max_new_bytes, temperature, top_k, top_p)
+    check_speculation(speculate, draft, model)
     if not isinstance(compile, bool):
         raise BltError(f"compile must be True or False, got {compile!r}")
     was_training = model.training
     model.eval()
     try:
-        engine = IncrementalBLT(model, compile=compile)
+        engine = (SpeculativeBLT if speculate else IncrementalBLT)(model, compile=compile)
         logits = engine.prefill([model.encode(p) for p in raw])
         bpe = model.patcher.mode == "bpe"
         allowed = allowed_ids(stop_at_eos, bpe, logits.device)
@@ -52,45 +63,69 @@ def stream(
         new = [bytearray() for _ in raw]
         shown = [0] * len(raw)  # bytes of `new` already yielded
         done = [False] * len(raw)
+        taken = [0] * len(raw)  # ids each row has taken
         budget = 2 * max_new_bytes + 16 if bpe else max_new_bytes  # delimiters add steps, not bytes
-        for step in range(budget):
-            ids = sample_next(logits, allowed, temperature, top_k, top_p, generators)
+        ids = sample_next(logits, allowed, temperature, top_k, top_p, generators)
+        chosen = [[i] for i in ids.tolist()]
+        step_logits = logits[:, None] if speculate else logits  # [B, m, V] or [B, V]: what chosen[b] came from
+        if speculate:
+            speculator = Speculator(engine, speculate, draft, allowed, temperature, top_k, top_p, generators, stats)
+            speculator.stats.passes += len(raw)
+            speculator.stats.produced += len(raw)
+        while True:
             out = []
-            for b, nxt in enumerate(ids.tolist()):
+            for b in range(len(raw)):
                 if done[b]:
                     out.append(None)
                     continue
-                if nxt == EOS_ID:
-                    done[b] = True
-                elif nxt >= OFFSET:
-                    new[b].append(nxt - OFFSET)
-                    keep = stopper.cut(bytes(new[b]))
-                    if keep is not None:
-                        del new[b][keep:]
+                used = 0  # ids of chosen[b] taken before the row ended
+                for nxt in chosen[b]:
+                    taken[b], used = taken[b] + 1, used + 1
+                    if nxt == EOS_ID:
                         done[b] = True
-                    done[b] = done[b] or len(new[b]) >= max_new_bytes
-                end = len(new[b]) if done[b] or step == budget - 1 else stopper.safe(bytes(new[b]))
+                    elif nxt >= OFFSET:
+                        new[b].append(nxt - OFFSET)
+                        keep = stopper.cut(bytes(new[b]))
+                        if keep is not None:
+                            del new[b][keep:]
+                            done[b] = True
+                        done[b] = done[b] or len(new[b]) >= max_new_bytes
+                    done[b] = done[b] or taken[b] >= budget
+                    if done[b]:
+                        break
+                end = len(new[b]) if done[b] else stopper.safe(bytes(new[b]))
                 piece, shown[b] = bytes(new[b][shown[b] : end]), max(shown[b], end)
-                out.append((piece, logits[b].float().cpu()) if return_logits else piece)
+                if return_logits:
+                    row_logits = step_logits[b, :used] if speculate else step_logits[b]
+                    out.append((piece, row_logits.float().cpu()))
+                else:
+                    out.append(piece)
             yield out
             if all(done):
                 return
-            logits = engine.step(ids, active=torch.tensor([not d for d in done]))
+            active = torch.tensor([not d for d in done])
+            if speculate:
+                chosen, step_logits = speculator.round(ids, active)
+                ids = torch.tensor([c[-1] for c in chosen])
+            else:
+                step_logits = engine.step(ids, active=active)
+                ids = sample_next(step_logits, allowed, temperature, top_k, top_p, generators)
+                chosen = [[i] for i in ids.tolist()]
     finally:
         model.train(was_training)
 
 
 def generate(model: BLT, prompts: Sequence[str | bytes], max_new_bytes: int, return_logits: bool = False, **kwargs):
-    """The new bytes of every prompt (with `return_logits`, also the logits of every step [n, V])."""
+    """The new bytes of every prompt (with `return_logits`, also the logits of every id it chose [n, V])."""
     outputs = [bytearray() for _ in prompts]
     steps: list[list[torch.Tensor]] = [[] for _ in prompts]
     for items in stream(model, prompts, max_new_bytes, return_logits=True, **kwargs):
         for b, item in enumerate(items):
             if item is not None:
                 outputs[b] += item[0]
-                steps[b].append(item[1])
+                steps[b].append(item[1].reshape(-1, item[1].shape[-1]))
     result = [bytes(o) for o in outputs]
-    return (result, [torch.stack(s) for s in steps]) if return_logits else result
+    return (result, [torch.cat(s) for s in steps]) if return_logits else result
 
 
 # ---- scoring ------------------------------------------------------------------------------------
@@ -135,14 +170,22 @@ class GenerationMixin:
         seed: int | None = None,
         stop=None,
         stop_at_eos: bool = True,
+        speculate: int = 0,
+        draft: str = "self",
+        stats: SpeculationStats | None = None,
         compile: bool = False,
     ) -> list[bytes]:
         """The new bytes for each prompt (str or bytes), with caches at every level.
 
         Greedy at temperature 0, else top-k / top-p sampling; a fixed `seed` reproduces a run, and each
         prompt of a batch gets exactly what it gets alone. Only bytes are produced, and EOS when
-        `stop_at_eos` (it ends the row); `stop` strings end a row too and are left out. `compile` runs the
-        decoding steps under `torch.compile` (same output; the first call of a batch size compiles).
+        `stop_at_eos` (it ends the row); `stop` strings end a row too and are left out.
+
+        `speculate=k` drafts k bytes at a time (`draft`: "self", the local models past the patch boundary, the
+        default; or "entropy", the entropy model) and verifies them in one pass of the whole model: the same
+        bytes when greedy, the same distribution when sampling; pass a `SpeculationStats` as `stats` to get the
+        acceptance rate and bytes per full-model pass. `compile` runs the decoding
+        steps under `torch.compile` (same output; the first call of a batch size compiles).
         """
         return generate(
             self,
@@ -154,6 +197,9 @@ class GenerationMixin:
             seed=seed,
             stop=stop,
             stop_at_eos=stop_at_eos,
+            speculate=speculate,
+            draft=draft,
+            stats=stats,
             compile=compile,
         )
 

@@ -106,6 +106,23 @@ class KVCache:
     def layer(self, i: int) -> LayerCache:
         return LayerCache(self, i)
 
+    def context(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """What attention may read: the positions held [B, S] (-1: empty) and each layer's keys and values
+        [B, S, Hkv, hd] (speculative verification attends over these and the new positions together)."""
+        return self.pos, self.k, self.v
+
+    def write(self, rows: torch.Tensor, positions: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]):
+        """Store each layer's keys/values ks[i], vs[i] [n, Hkv, hd] of `positions` [n] of `rows` [n] (the bytes
+        a speculative pass kept). A row's positions follow the ones it holds."""
+        slots = self._write_slots(rows, positions)
+        self.pos[rows, slots] = positions
+        for i in range(len(self.k)):
+            self.k[i][rows, slots] = ks[i].to(self.k[i].dtype)
+            self.v[i][rows, slots] = vs[i].to(self.v[i].dtype)
+
+    def _write_slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
 
 @dataclass
 class LayerCache:
@@ -133,6 +150,9 @@ class WindowCache(KVCache):
 
     def _step_slots(self, positions, store):
         return positions % self.size, self.size
+
+    def _write_slots(self, rows, positions):
+        return positions % self.size
 
 
 class GrowingCache(KVCache):
@@ -180,6 +200,16 @@ class GrowingCache(KVCache):
             return slots.clamp(max=self.pos.shape[1] - 1), self.pos.shape[1]
         self._grow(int(slots.max()) + 1)
         return slots, int(self.count.max())
+
+    def context(self):
+        used = int(self.count.max())
+        return self.pos[:, :used], [t[:, :used] for t in self.k], [t[:, :used] for t in self.v]
+
+    def _write_slots(self, rows, positions):  # slot = position: the rows hold positions 0..count-1
+        if len(positions):
+            self._grow(int(positions.max()) + 1)
+            self.count.scatter_reduce_(0, rows, positions + 1, "amax")
+        return positions
 
 
 def stack_cache(

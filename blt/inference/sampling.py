@@ -73,9 +73,22 @@ def sample_next(
 ) -> torch.Tensor:
     """One id per row of `logits` [B, V]: greedy at temperature 0, else top-k / top-p sampling with
     each row's own generator."""
-    logits = logits.float().masked_fill(~allowed, float("-inf"))
+    logits = filtered_logits(logits, allowed, temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
+    probs = logits.softmax(-1).cpu()
+    picks = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
+    return torch.cat(picks).to(logits.device)
+
+
+def filtered_logits(
+    logits: torch.Tensor, allowed: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+) -> torch.Tensor:
+    """`logits` [..., V] as sampling sees them (float32): the ids not `allowed` at -inf, then (temperature > 0)
+    divided by the temperature, top-k and top-p applied. Their softmax is the distribution sampled from."""
+    logits = logits.float().masked_fill(~allowed, float("-inf"))
+    if temperature == 0:
+        return logits
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
@@ -86,9 +99,7 @@ def sample_next(
         # drop a token when the tokens before it already reach top_p
         drop = probs.cumsum(-1) - probs > top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1).cpu()
-    picks = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
-    return torch.cat(picks).to(logits.device)
+    return logits
 
 
 class StopChecker:

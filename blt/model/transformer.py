@@ -308,3 +308,28 @@ def block_step(b: FusedBlock, x: torch.Tensor, rotation: torch.Tensor, mask: tor
     h = x + torch.mm(attend_step(q, k, v, mask), b.wo)
     gate, up = torch.mm(rms(b.ffn_norm, h), b.w13).split(b.hidden, dim=-1)
     return h + torch.mm(F.silu(gate) * up, b.w2)
+
+
+def block_chunk(
+    b: FusedBlock,
+    x: torch.Tensor,
+    rotation: torch.Tensor,
+    mask: torch.Tensor,
+    context: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """`block_step` for n new positions per row at once (speculative verification): x [B, n, D], rotation
+    [B, n, hd/2], `context` the keys/values before them [B, S, Hkv, hd], mask [B, 1, n, S + n] (additive) over the
+    context and the n positions themselves -> [B, n, D], and the n positions' own keys/values [B, n, Hkv, hd]."""
+    h_q, h_kv, hd = b.n_heads, b.n_kv_heads, b.head_dim
+    qkv = torch.matmul(rms(b.attn_norm, x), b.wqkv)  # [B, n, (H + 2 Hkv) hd]
+    qk = apply_rotary(qkv[..., : (h_q + h_kv) * hd].unflatten(-1, (h_q + h_kv, hd)), rotation)  # [B, n, H + Hkv, hd]
+    q, k = qk[:, :, :h_q], qk[:, :, h_q:]
+    v = qkv[..., (h_q + h_kv) * hd :].unflatten(-1, (h_kv, hd))
+    keys = torch.cat([context[0], k.to(context[0].dtype)], 1).transpose(1, 2)  # [B, Hkv, S + n, hd]
+    values = torch.cat([context[1], v.to(context[1].dtype)], 1).transpose(1, 2)
+    if b.rep > 1:
+        keys, values = keys.repeat_interleave(b.rep, dim=1), values.repeat_interleave(b.rep, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)  # [B, H, n, hd]
+    h = x + torch.matmul(out.transpose(1, 2).flatten(2), b.wo)
+    gate, up = torch.matmul(rms(b.ffn_norm, h), b.w13).split(b.hidden, dim=-1)
+    return h + torch.matmul(F.silu(gate) * up, b.w2), (k, v)
