@@ -1,16 +1,25 @@
-"""Generation speed: new bytes/s of (a) our cached generation, (b) ours recomputing everything per byte,
-(c) transformers' BltForCausalLM.generate(use_cache=False), on the same weights with the same greedy
-output, at 256 and 1024 new bytes, for a tiny and a ~20M-parameter config; and our latency per byte
-over positions 0..4096.
+"""Generation speed, and the answer to "is BLT slower than a token model?".
 
-Writes benchmarks/results/generate.json and benchmarks/results/generate_latency.png.
+- `comparisons`: new bytes/s of our cached generation (in every mode `model.generate` offers: eager, and
+  `compile=True` / `speculate=k` once they exist), our recompute-everything reference and transformers'
+  `BltForCausalLM.generate(use_cache=False)`, on the same weights with the same greedy output, at 256 and
+  1024 new bytes, for `tiny`, `small` (~20M parameters) and `layout1b`: a ~0.2M-parameter model in the 1B
+  release's layout (one encoder layer, three decoder layers with cross-attention on every layer, hash
+  n-grams 3..8, a 512-byte window, a 3-layer entropy model).
+- `step_profile`: ATen calls per decode step (torch.profiler, every nested call) and the time of a step.
+- `batched`: aggregate new bytes/s of prompts of different lengths in batches of 1, 8 and 32, and whether
+  a row gets in a batch what it gets alone.
+- `flop_matched` and `release_shape` (`benchmarks/token_models.py`): BLT against token models with a KV
+  cache, at equal training FLOPs (bpb and text bytes/s) and at the 1B release shape with random weights
+  (text bytes/s, each stack's time against its weight-bandwidth floor).
+- `latency`: seconds per byte over positions to 4096.
+- `targets`: issue 10's figures, each with what was measured.
 
-`layout1b` is a ~0.2M-parameter model in the 1B release's layout: one encoder layer, three decoder layers
-with cross-attention on every layer, hash n-grams 3..8, a 512-byte window, a 3-layer entropy model. The
-`step_profile` section counts ATen calls per decode step (torch.profiler, every nested call) and times a step.
+Writes benchmarks/results/generate.json, generate.md (the tables), generate_latency.png and
+generate_throughput.png.
 
-    python benchmarks/generate.py [--lengths 256,1024] [--configs tiny,small,layout1b] [--latency-bytes 4096]
-    python benchmarks/generate.py --quick      # a smoke run: step profile only, short lengths
+    python benchmarks/generate.py            # everything (~15 minutes on 2 quiet cores)
+    python benchmarks/generate.py --quick    # a smoke run of every section (~1 minute)
 """
 
 from __future__ import annotations
@@ -25,53 +34,31 @@ import time
 from pathlib import Path
 
 import torch
+from speed import generation_modes, mode_rate, random_blt, stdlib_texts, timed
+from token_models import SPECIAL, flop_matched, release_shape
 
 import blt
-from blt.config import PatchingConfig
 from blt.inference import generate_recompute
-from blt.model.blt import init_weights
-from blt.model.patching import EntropyPatcher, threshold_for_mean_patch
 from blt.presets import blt_preset, entropy_preset
 from blt.weights.hf import save_hf
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "The with statement is used to wrap the execution of a block with methods defined by a context manager."
-SPECIAL = [0, 1, 2, 3]
 
 
 def build(name: str) -> blt.BLT:
     """A model of preset `name` (or `layout1b`) with a random entropy model whose threshold gives ~4.5-byte patches."""
-    torch.manual_seed(0)
     config, _ = blt_preset("tiny" if name == "layout1b" else name)
-    config.cross_attn_nheads = None  # transformers' cross-attention heads, so both sides run one model
+    config = dataclasses.replace(config, cross_attn_nheads=None)  # transformers' heads: both sides run one model
     em_config, _ = entropy_preset("tiny" if name in ("tiny", "layout1b") else "demo")
     if name == "layout1b":
         config = dataclasses.replace(config, n_layers_local_decoder=3, encoder_hash_byte_group_size=[3, 4, 5, 6, 7, 8])
         em_config = dataclasses.replace(em_config, n_layers=3, sliding_window=512)
-    em = blt.EntropyModel(em_config)
-    init_weights(em)
-    with torch.no_grad():
-        em.output.weight.mul_(8.0)  # a peaked random LM: entropies vary from byte to byte
-    from blt.experiments.corpus import stdlib_corpus
-
-    sample = torch.stack([blt.encode(t.encode()[:511]) for _, t in stdlib_corpus()[:16] if len(t.encode()) >= 511])
-    theta = threshold_for_mean_patch(list(em.entropies(sample)), 4.5)
-    model = blt.BLT(
-        dataclasses.replace(config, patching=PatchingConfig(mode="entropy", threshold=theta)),
-        patcher=EntropyPatcher(em, theta),
-    )
-    with torch.no_grad():
-        model.local_decoder.output.weight.mul_(4.0)
-    return model.eval()
-
-
-def bytes_per_s(fn, n_bytes: int) -> tuple[float, object]:
-    t = time.perf_counter()
-    out = fn()
-    return n_bytes / (time.perf_counter() - t), out
+    return random_blt(config, em_config)
 
 
 def compare(name: str, lengths: list[int]) -> dict:
+    """Cached (every mode), recompute and transformers' uncached generation of one config, greedy."""
     from transformers import BltForCausalLM
 
     model = build(name)
@@ -79,17 +66,17 @@ def compare(name: str, lengths: list[int]) -> dict:
         save_hf(model, tmp)
         hf = BltForCausalLM.from_pretrained(tmp).eval()
     prompt_ids = model.encode(PROMPT)[None]
+    modes, skipped = generation_modes(model)
     result = {
         "config": name,
         "params": model.num_params(),
         "params_without_embeddings": model.num_params(embeddings=False),
+        "skipped_modes": skipped,
         "runs": [],
     }
     for n in lengths:
-        cached_rate, cached = bytes_per_s(lambda: model.generate([PROMPT], n, stop_at_eos=False)[0], n)
-        recompute_rate, recomputed = bytes_per_s(
-            lambda: generate_recompute(model, [PROMPT], n, stop_at_eos=False)[0], n
-        )
+        cached = {mode: mode_rate(model, [PROMPT], n, kwargs) for mode, kwargs in modes}
+        recompute_s, recomputed = timed(lambda: generate_recompute(model, [PROMPT], n, stop_at_eos=False)[0])
 
         def hf_generate():
             with torch.no_grad():
@@ -103,22 +90,56 @@ def compare(name: str, lengths: list[int]) -> dict:
                 )
             return blt.tokenizer.ids_to_bytes(out[0, prompt_ids.shape[1] :])
 
-        hf_rate, theirs = bytes_per_s(hf_generate, n)
-        ids = torch.cat([prompt_ids[0], torch.tensor([b + 4 for b in cached])])[None]
+        hf_s, theirs = timed(hf_generate)
+        best = max(cached, key=lambda m: cached[m]["bytes_per_s"])
         result["runs"].append(
             {
                 "new_bytes": n,
-                "cached_bytes_per_s": cached_rate,
-                "recompute_bytes_per_s": recompute_rate,
-                "transformers_uncached_bytes_per_s": hf_rate,
-                "speedup_vs_transformers": cached_rate / hf_rate,
-                "speedup_vs_recompute": cached_rate / recompute_rate,
-                "identical_output": cached == recomputed == theirs,
-                "mean_patch_bytes": ids.shape[1] / int(model.patch_starts(ids)[:, : ids.shape[1]].sum()),
+                "cached_bytes_per_s": {m: r["bytes_per_s"] for m, r in cached.items()},
+                "warmup_seconds": {m: r["warmup_seconds"] for m, r in cached.items()},
+                "recompute_bytes_per_s": n / recompute_s,
+                "transformers_uncached_bytes_per_s": n / hf_s,
+                "best_mode": best,
+                "speedup_vs_transformers": cached[best]["bytes_per_s"] * hf_s / n,
+                "speedup_vs_recompute": cached[best]["bytes_per_s"] * recompute_s / n,
+                "identical_output": all(r["outputs"][0] == recomputed == theirs for r in cached.values()),
+                "mean_patch_bytes": cached["eager"]["mean_patch_bytes"],
             }
         )
         print(json.dumps({"config": name, **result["runs"][-1]}))
     return result
+
+
+def batched(name: str, batches: list[int], n_bytes: int) -> dict:
+    """Aggregate new bytes/s of `max(batches)` standard-library prompts of 20 to ~400 bytes, greedy, the first
+    b of them in one batch for each b; rows 0 and b-1 of each batch are checked against their output alone."""
+    model = build(name)
+    texts = [t for t in stdlib_texts() if len(t) >= 400]
+    prompts = [texts[i][: 20 + i * 97 % 380] for i in range(max(batches))]
+    alone = {}
+    runs = []
+    for b in batches:
+        rate = mode_rate(model, prompts[:b], n_bytes, {})
+        checked = sorted({0, b - 1})
+        for i in checked:
+            if i not in alone:
+                alone[i] = model.generate([prompts[i]], n_bytes, stop_at_eos=False)[0]
+        runs.append(
+            {
+                "batch": b,
+                "aggregate_bytes_per_s": rate["bytes_per_s"],
+                "rows_checked": checked,
+                "identical_to_alone": all(rate["outputs"][i] == alone[i] for i in checked),
+            }
+        )
+        print(json.dumps({"config": name, **runs[-1]}))
+    return {
+        "config": name,
+        "new_bytes_per_row": n_bytes,
+        "prompt_bytes": [len(p) for p in prompts],
+        "runs": runs,
+        "speedup_32_vs_1": runs[-1]["aggregate_bytes_per_s"] / runs[0]["aggregate_bytes_per_s"],
+    }
 
 
 def step_profile(name: str, steps: int = 50, timed: int = 300) -> dict:
@@ -201,44 +222,174 @@ def plot(lat: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lengths", default="256,1024")
-    ap.add_argument("--configs", default="tiny,small")
-    ap.add_argument("--latency-bytes", type=int, default=4096)
-    ap.add_argument("--latency-config", default="small")
-    ap.add_argument("--out", default=str(RESULTS / "generate.json"))
-    ap.add_argument("--quick", action="store_true", help="smoke run: the step profile, then 64-byte comparisons")
-    args = ap.parse_args()
-    if args.quick:
-        args.lengths, args.configs, args.latency_bytes, args.latency_config = "64", "tiny", 700, "tiny"
-    lengths = [int(x) for x in args.lengths.split(",")]
-    profiles = [step_profile(c) for c in ("tiny", "layout1b")]
-    results = {
-        "benchmark": "generate",
+SECTIONS = ("profile", "compare", "batched", "flop_matched", "release_shape", "latency")
+ISSUE_ATEN_CALLS_PER_STEP = 3300  # layout1b before issue 10 (torch.profiler over 50 steps)
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def settings(quick: bool) -> dict:
+    """What each section runs: the full benchmark, or a smoke run of every section in about a minute."""
+    if quick:
+        return dict(
+            lengths=[64],
+            configs=["tiny", "layout1b"],
+            batches=[1, 8],
+            batch_configs=["tiny"],
+            batch_bytes=16,
+            flop_budget=2e11,
+            flop_bytes=32,
+            flop_data_bytes=200_000,
+            entropy_steps=30,
+            release_scale=8,
+            release_bytes=8,
+            latency_config="tiny",
+            latency_bytes=700,
+        )
+    return dict(
+        lengths=[256, 1024],
+        configs=["tiny", "small", "layout1b"],
+        batches=[1, 8, 32],
+        batch_configs=["tiny", "layout1b"],
+        batch_bytes=128,
+        flop_budget=3e12,
+        flop_bytes=256,
+        flop_data_bytes=None,
+        entropy_steps=300,
+        release_scale=1,
+        release_bytes=64,
+        latency_config="small",
+        latency_bytes=4096,
+    )
+
+
+def run_flop_matched(cfg: dict, compare_dir: str | None) -> dict:
+    """`token_models.flop_matched` on tiny Shakespeare (an excerpt of its head in a quick run), in `compare_dir`
+    (reused by a later run with the same settings) or a temporary folder."""
+    if not SHAKESPEARE.exists():
+        return {"skipped": f"{SHAKESPEARE} is absent"}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = SHAKESPEARE
+        if cfg["flop_data_bytes"]:
+            data = Path(tmp) / "excerpt.txt"
+            data.write_bytes(SHAKESPEARE.read_bytes()[: cfg["flop_data_bytes"]])
+        out = Path(compare_dir) if compare_dir else Path(tmp) / "compare"
+        return flop_matched([str(data)], cfg["flop_budget"], out, cfg["flop_bytes"], cfg["entropy_steps"])
+
+
+def target(name: str, measured, met: bool | None) -> dict:
+    return {"target": name, "measured": measured, "met": met}
+
+
+def targets(results: dict) -> list[dict]:
+    """Issue 10's speed figures, each computed from this run's measurements (None: not measured)."""
+    out = []
+    comparisons = results.get("comparisons", [])
+    at_1024 = {
+        c["config"]: r["speedup_vs_transformers"] for c in comparisons for r in c["runs"] if r["new_bytes"] == 1024
+    }
+    out.append(
+        target(
+            ">= 50x transformers' uncached generate at 1024 new bytes, every config (tiny, small, layout1b)",
+            at_1024,
+            all(v >= 50 for v in at_1024.values()) if {"tiny", "small", "layout1b"} <= set(at_1024) else None,
+        )
+    )
+    profiles = {p["config"]: p for p in results.get("step_profile", [])}
+    if "layout1b" in profiles:
+        calls = profiles["layout1b"]["aten_calls_per_step"]
+        out.append(
+            target(
+                f">= 5x fewer ATen calls per step than {ISSUE_ATEN_CALLS_PER_STEP} on layout1b",
+                {"aten_calls_per_step": calls, "reduction": ISSUE_ATEN_CALLS_PER_STEP / calls},
+                ISSUE_ATEN_CALLS_PER_STEP / calls >= 5,
+            )
+        )
+    if "tiny" in profiles:
+        ms = profiles["tiny"]["ms_per_step"]
+        out.append(target("tiny step <= 0.5 ms (eager engine step, batch 1)", ms, ms <= 0.5))
+    flop = results.get("flop_matched", {})
+    if "rows" in flop:
+        ratio = flop["blt_over_bpe_text_bytes_per_s"]
+        out.append(target("BLT text bytes/s >= the FLOP-matched BPE model's with its KV cache", ratio, ratio >= 1))
+    release = results.get("release_shape")
+    if release:
+        for run in release["blt"]["runs"]:
+            dtype = run["dtype"]
+            llama = next(r for r in release["llama"]["llama-3.2-1b"] if r["dtype"] == dtype)["text_bytes_per_s"]
+            best = max(
+                [run["text_bytes_per_s"]] + [r["bytes_per_s"] for m, r in run["generate"].items() if m != "eager"]
+            )
+            out.append(target(f"BLT-1B text bytes/s >= Llama-3.2-1B's ({dtype}, batch 1)", best / llama, best >= llama))
+            floors = run["bandwidth_floor"]
+            if floors:
+                pct = {k: floors[k]["percent_of_floor"] for k in ("entropy_model", "local_decoder")}
+                out.append(
+                    target(
+                        f"per-byte models >= 85% of the weight-bandwidth floor ({dtype})", pct, min(pct.values()) >= 85
+                    )
+                )
+    lat = results.get("latency")
+    if lat:
+        out.append(
+            target(
+                "latency per byte at the end within 1.3x of position 600",
+                lat["ratio_end_vs_600"],
+                lat["ratio_end_vs_600"] <= 1.3,
+            )
+        )
+    return out
+
+
+def machine() -> dict:
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
+    return {
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "prompt_bytes": len(PROMPT.encode()),
-        "step_profile": profiles,
-        "comparisons": [compare(c, lengths) for c in args.configs.split(",")],
+        "load_average_at_end": load,
     }
-    lat = latency(args.latency_config, args.latency_bytes)
-    plot(lat, Path(args.out).with_name("generate_latency.png"))
-    results["latency"] = {k: v for k, v in lat.items() if k not in ("positions", "seconds")}
-    results["targets"] = {
-        ">= 50x transformers at 1024 new bytes": all(
-            r["speedup_vs_transformers"] >= 50
-            for c in results["comparisons"]
-            for r in c["runs"]
-            if r["new_bytes"] == 1024
-        ),
-        "latency at the end within 1.3x of position 600": lat["ratio_end_vs_600"] <= 1.3,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({"latency": results["latency"], "targets": results["targets"]}, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a smoke run of every section, about a minute")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="run these, keep the others from --out")
+    ap.add_argument("--compare-dir", help="folder for the FLOP-matched training runs (reused when it matches)")
+    ap.add_argument("--machine-shared", action="store_true", help="record that other work ran at the same time")
+    ap.add_argument("--out", help="default: results/generate.json, or a temporary file with --quick")
+    args = ap.parse_args()
+    cfg = settings(args.quick)
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    out = Path(
+        args.out
+        or (Path(tempfile.gettempdir()) / "blt_generate_quick.json" if args.quick else RESULTS / "generate.json")
+    )
+    results = json.loads(out.read_text()) if out.exists() and len(sections) < len(SECTIONS) else {}
+    results.update({"benchmark": "generate", "quick": args.quick, "machine_shared": args.machine_shared})
+    results["prompt_bytes"] = len(PROMPT.encode())
+    if "profile" in sections:
+        results["step_profile"] = [step_profile(c) for c in ("tiny", "layout1b")]
+    if "compare" in sections:
+        results["comparisons"] = [compare(c, cfg["lengths"]) for c in cfg["configs"]]
+    if "batched" in sections:
+        results["batched"] = [batched(c, cfg["batches"], cfg["batch_bytes"]) for c in cfg["batch_configs"]]
+    if "flop_matched" in sections:
+        results["flop_matched"] = run_flop_matched(cfg, args.compare_dir)
+    if "release_shape" in sections:
+        results["release_shape"] = release_shape(cfg["release_bytes"], cfg["release_scale"])
+    if "latency" in sections:
+        lat = latency(cfg["latency_config"], cfg["latency_bytes"])
+        plot(lat, out.with_name(f"{out.stem}_latency.png"))
+        results["latency"] = {k: v for k, v in lat.items() if k not in ("positions", "seconds")}
+    results["machine"] = machine()
+    results["targets"] = targets(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results["targets"], indent=2))
 
 
 if __name__ == "__main__":
