@@ -164,7 +164,7 @@ def weights_read(model) -> dict[str, int]:
     return dict(parts)
 
 
-def matvec_bandwidth(dtype=torch.float32, megabytes: int = 512, repeats: int = 20) -> float:
+def matvec_bandwidth(dtype=torch.float32, megabytes: int = 256, repeats: int = 20) -> float:
     """GB/s at which `F.linear` of one vector streams a `megabytes` weight matrix of `dtype` (far beyond the
     caches): the memory bandwidth a batch-1 decode step can use. The best of `repeats` calls."""
     rows = 4096
