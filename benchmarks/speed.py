@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import time
 from collections import defaultdict
 
@@ -149,10 +150,10 @@ def weights_read(model) -> dict[str, int]:
             continue
         if name.startswith("local_encoder.layers."):
             parts["local_encoder"] += size
-        elif name.startswith("local_decoder.") and not (
-            name.startswith("local_decoder.patch_projection") or any(w in name for w in ("kv_norm", ".wk.", ".wv."))
+        elif name.startswith("local_decoder.") and not re.match(
+            r"local_decoder\.(patch_projection|cross_attn\.\d+\.(kv_norm|attn\.wk|attn\.wv))\.", name
         ):
-            parts["local_decoder"] += size
+            parts["local_decoder"] += size  # its layers, head, and the cross-attention's queries and output
         else:
             parts["global"] += size
     if model.entropy_model is not None:
