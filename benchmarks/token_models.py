@@ -104,7 +104,7 @@ def llama_rate(llama, prompt_ids: torch.Tensor, n_tokens: int) -> tuple[float, t
 def flop_matched(data: list[str], budget: float, out: Path, n_bytes: int, entropy_steps: int) -> dict:
     """Train (or read back from `out`) the BPE baseline and an entropy-patched BLT at `budget` training FLOPs
     with the comparison harness; bpb and greedy text bytes/s of each, from a prompt of held-out text (the
-    first 100 bytes of the last 20 KB of the first data file, which the default tail split holds out)."""
+    first 100 bytes of the last 20 KB, or 5%, of the first data file; the default tail split holds out 10%)."""
     from blt import load_pretrained
     from blt.bpe import load_bpe, token_ids
     from blt.experiments.baselines import token_byte_lengths
@@ -114,7 +114,8 @@ def flop_matched(data: list[str], budget: float, out: Path, n_bytes: int, entrop
         r["model"]: r
         for r in run_compare(data, [budget], ["bpe", "blt-entropy"], out, entropy_steps=entropy_steps, progress=False)
     }
-    held_out = Path(data[0]).read_bytes()[-20_000:]
+    text = Path(data[0]).read_bytes()
+    held_out = text[-min(20_000, len(text) // 20) :]
     prompt = held_out[:100]
     rows = []
 
