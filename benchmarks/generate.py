@@ -365,7 +365,8 @@ def plot_throughput(results: dict, path: Path) -> None:
     left.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.set_title("Batched greedy generation")
-    left.legend()
+    if results.get("batched"):
+        left.legend()
     bars = [
         (r["model"].split(" (as ")[0], r["text_bytes_per_s"]) for r in results.get("flop_matched", {}).get("rows", [])
     ]
