@@ -253,7 +253,8 @@ class Workspace:
         return load_entropy_model(path)
 
     def run(self, p: Plan, batch_size: int, seq_len: int) -> dict:
-        """Train and evaluate one plan (or read its finished result)."""
+        """Train and evaluate one plan (or read its finished result); the trained model is saved in the run's
+        folder (`runs/<model>-<budget>/`, loadable with `blt.load_pretrained`)."""
         out = self.out / "runs" / p.name
         summary = out / "summary.json"
         if summary.exists():
@@ -337,6 +338,7 @@ class Workspace:
 
             noise = self._noise(bpb)
         record = {
+            "run": p.name,  # the folder under runs/ that holds the trained model
             "model": p.model,
             "budget": p.budget,
             "width": p.width,
@@ -350,6 +352,7 @@ class Workspace:
             "wall_seconds": wall,
             "noise": noise,
         }
+        model.save_pretrained(out)  # kept for what comes after the comparison (e.g. generation speed)
         summary.write_text(json.dumps(record, indent=2) + "\n")
         return record
 
