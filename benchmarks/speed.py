@@ -55,14 +55,16 @@ def mode_rate(model, prompts, n_bytes: int, kwargs: dict, warmup_bytes: int = 8)
 
 class StackClock:
     """Seconds each stack spends inside `IncrementalBLT.step`, measured from outside the engine by wrapping
-    the calls that run a stack's blocks (`_run_blocks`) and close patches (`_close`: pooling, the global
-    step and the decoder's new keys). The rest of a step (embeddings, the patch rule, the local decoder's
-    cross-attention, blocks and head, the entropy model's head) is reported as `local_decoder_and_rest`.
+    the calls that run a stack's blocks (`_run_blocks`), close patches (`close_part`: pooling, the global
+    step and the decoder's new keys) and run the local decoder (`decoder_part`). The rest of a step
+    (embeddings, the patch rule, the entropy model's head) is reported as `rest`.
     `available` is False when the engine no longer has these methods."""
 
     def __init__(self, engine):
         self.engine, self.seconds, self.steps = engine, defaultdict(float), 0
-        self.available = all(hasattr(engine, a) for a in ("_run_blocks", "_close", "step", "enc_blocks"))
+        self.available = all(
+            hasattr(engine, a) for a in ("_run_blocks", "close_part", "decoder_part", "step", "enc_blocks")
+        )
 
     def install(self) -> None:
         """Wrap the engine's methods (after `prefill`, which makes the fused blocks)."""
@@ -72,7 +74,7 @@ class StackClock:
         names = {id(e.enc_blocks): "local_encoder"}
         if getattr(e, "em_blocks", None) is not None:
             names[id(e.em_blocks)] = "entropy_model"
-        run_blocks, close, step = e._run_blocks, e._close, e.step
+        run_blocks, close, decode, step = e._run_blocks, e.close_part, e.decoder_part, e.step
 
         def clocked(name, fn):
             def call(*args, **kwargs):
@@ -91,13 +93,14 @@ class StackClock:
             self.steps += 1
             return clocked("step", step)(*args, **kwargs)
 
-        e._run_blocks, e._close, e.step = blocks, clocked("global", close), one_step
+        e._run_blocks, e.step = blocks, one_step
+        e.close_part, e.decoder_part = clocked("global", close), clocked("local_decoder", decode)
 
     def per_byte(self) -> dict[str, float]:
         """Milliseconds per step (one byte per row) of each stack, and of the whole step."""
         s = dict(self.seconds)
         total = s.pop("step", 0.0)
-        s["local_decoder_and_rest"] = total - sum(s.values())
+        s["rest"] = total - sum(s.values())
         s["step"] = total
         return {k: v / max(1, self.steps) * 1e3 for k, v in s.items()}
 

@@ -253,7 +253,7 @@ def blt_release_run(model, text: bytes, n_bytes: int, bandwidth: float, dtype) -
         floors = {
             "entropy_model": floor_percent(weights["entropy_model"], bandwidth, ms["entropy_model"]),
             "local_encoder": floor_percent(weights["local_encoder"], bandwidth, ms["local_encoder"]),
-            "local_decoder": floor_percent(weights["local_decoder"], bandwidth, ms["local_decoder_and_rest"]),
+            "local_decoder": floor_percent(weights["local_decoder"], bandwidth, ms["local_decoder"]),
             "global_per_patch": floor_percent(weights["global"], bandwidth, ms["global"] * per_patch),
             "whole_step_per_byte": floor_percent(
                 sum(v for k, v in weights.items() if k != "global") + weights["global"] / per_patch,
