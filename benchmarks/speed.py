@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import inspect
 import re
 import time
@@ -25,15 +26,16 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t, out
 
 
-def generation_modes(model) -> tuple[list[tuple[str, dict]], dict[str, str]]:
-    """The modes `model.generate` supports, eager first, and a note for each one it does not."""
+def generation_modes(model, left_out: dict[str, str] | None = None) -> tuple[list[tuple[str, dict]], dict[str, str]]:
+    """The modes `model.generate` supports, eager first, and a note for each one it does not (or that the caller
+    leaves out, `left_out`: mode -> why)."""
     params = inspect.signature(model.generate).parameters
-    modes, skipped = [("eager", {})], {}
+    modes, skipped = [("eager", {})], dict(left_out or {})
     for name, kwargs in MODES:
         missing = [k for k in kwargs if k not in params]
         if missing:
             skipped[name] = f"model.generate has no {missing[0]!r} parameter yet"
-        else:
+        elif name not in skipped:
             modes.append((name, kwargs))
     return modes, skipped
 
@@ -44,7 +46,9 @@ def mode_rate(model, prompts, n_bytes: int, kwargs: dict, warmup_bytes: int = 8)
     from blt.tokenizer import to_bytes
 
     warm, _ = timed(lambda: model.generate(prompts, warmup_bytes, stop_at_eos=False, **kwargs))
+    gc.collect()  # an engine holds inference copies of the weights: at the 1B shape, gigabytes each
     seconds, out = timed(lambda: model.generate(prompts, n_bytes, stop_at_eos=False, **kwargs))
+    gc.collect()
     return {
         "bytes_per_s": sum(map(len, out)) / seconds,
         "warmup_seconds": warm,
@@ -128,6 +132,8 @@ def stack_times(model, text: bytes, n_steps: int, prompt_bytes: int = 100, warmu
     closed = int(engine.state.n_patches[0]) - patches
     steps = len(feed) - warmup
     ms = clock.per_byte()
+    del engine, clock  # the clock's wrappers and the engine refer to each other: collect them now
+    gc.collect()
     return {
         "ms_per_byte": ms,
         "bytes_per_s": 1e3 / ms["step"],
