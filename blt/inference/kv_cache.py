@@ -83,8 +83,8 @@ class KVCache:
         """One new position per row (kept where `store` [B] holds; default: every row) -> the rows' attention
         mask [B, 1, 1, S]."""
         slots, used = self._step_slots(positions, store)
-        held = self.pos[self.rows, slots]
-        self.pos[self.rows, slots] = positions if store is None else torch.where(store, positions, held)
+        kept = positions if store is None else torch.where(store, positions, self.pos[self.rows, slots])
+        self.pos[self.rows, slots] = kept
         self.pending = StepWrite(slots, used)
         seen = self.pos[:, :used]  # [B, S]
         mask = (seen >= 0) & (seen <= positions[:, None])
