@@ -261,19 +261,20 @@ class IncrementalBLT:
                 rows.append(row)
         return torch.stack(rows)
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Byte + hash n-gram embeddings of one new id per row -> [B, D] (as `LocalEncoder.embed`)."""
-        enc, s = self.model.local_encoder, self.state
+    def _embed(self, history: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Byte + hash n-gram embeddings of n new ids per row [B, n] after `history` [B, >= n-gram - 1] -> [B, n, D]
+        (as `LocalEncoder.embed`); each table's hash of an n-gram is one row of a product-sum."""
+        enc = self.model.local_encoder
         h = enc.tok_embeddings(ids)
         if self.hash_powers is None:
             return h
         width = self.hash_powers.shape[1]
-        window = torch.cat([s.history[:, s.history.shape[1] - (width - 1) :], ids[:, None]], dim=1)  # [B, n+1]
-        hashes = (window[:, None, :] * self.hash_powers).sum(-1) % enc.hash_embeddings.table_size  # [B, tables]
+        windows = torch.cat([history[:, history.shape[1] - (width - 1) :], ids], 1).unfold(1, width, 1)  # [B, n, w]
+        hashes = (windows[:, :, None, :] * self.hash_powers).sum(-1) % enc.hash_embeddings.table_size
         tables = enc.hash_embeddings.tables
-        out = tables[0](hashes[:, 0])
+        out = tables[0](hashes[..., 0])
         for j in range(1, len(tables)):
-            out = out + tables[j](hashes[:, j])
+            out = out + tables[j](hashes[..., j])
         return h + out
 
     @staticmethod
@@ -290,8 +291,8 @@ class IncrementalBLT:
         """Feed one id per row -> the next logits [B, V]. Rows not `active` (finished) still move
         along but cannot fail.
 
-        Two parts with static shapes (`byte_part`, `close_part`, `decoder_part`, compiled when the engine was made with
-        `compile=True`) the middle one per-patch work, which runs only when some row closes a patch."""
+        Three parts with static shapes (`byte_part`, `close_part`, `decoder_part`; compiled when the engine was made
+        with `compile=True`); the middle one, the per-patch work, runs only when some row closes a patch."""
         self._room_for_one_more()
         h, closing = self.byte_part(next_ids.to(self.rows.device))
         if bool(closing.any()):
@@ -336,7 +337,7 @@ class IncrementalBLT:
         mask = s.encoder_cache.step(pos, window=window)
         h, states = self._run_blocks(
             self.enc_blocks,
-            self._embed(next_ids),
+            self._embed(s.history, next_ids[:, None])[:, 0],
             step_rotation(enc.rope, pos),
             additive_mask(mask, h_dtype),
             s.encoder_cache,

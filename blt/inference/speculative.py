@@ -148,21 +148,6 @@ class SpeculativeBLT(IncrementalBLT):
                 kept.append(h)
         return h, kept, new
 
-    def _embed_chunk(self, history: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Byte + hash n-gram embeddings of n new ids per row [B, n] after `history` -> [B, n, D]."""
-        enc = self.model.local_encoder
-        h = enc.tok_embeddings(ids)
-        if self.hash_powers is None:
-            return h
-        width = self.hash_powers.shape[1]
-        ids_so_far = torch.cat([history[:, history.shape[1] - (width - 1) :], ids], 1)
-        windows = ids_so_far.unfold(1, width, 1)  # [B, n, n-gram + 1]
-        hashes = (windows[:, :, None, :] * self.hash_powers).sum(-1) % enc.hash_embeddings.table_size
-        tables = enc.hash_embeddings.tables
-        for j in range(len(tables)):
-            h = h + tables[j](hashes[..., j])
-        return h
-
     def _entropy_model(self, ids: torch.Tensor, positions: torch.Tensor, before: Pending | None = None):
         """The entropy model over n new ids per row -> its logits [B, n, V] and the new keys/values."""
         em = self.patcher.entropy_model
@@ -181,7 +166,7 @@ class SpeculativeBLT(IncrementalBLT):
         enc = self.model.local_encoder
         return self._stack(
             self.enc_blocks,
-            self._embed_chunk(history, ids),
+            self._embed(history, ids),
             enc.rope,
             positions,
             self.config.local_attention_window_len,
