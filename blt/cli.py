@@ -715,7 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="an OpenAI-compatible completions server",
         description=(
             "POST /v1/completions (max_tokens counts bytes; stream=true sends server-sent events), GET /v1/models, "
-            "GET /health, POST /v1/patches (bytes, entropies, patch starts). Requests are served one at a time."
+            "GET /health, POST /v1/patches (bytes, entropies, patch starts). Concurrent requests are decoded as one "
+            "batch that they join on arrival and leave when done; each gets what `blt generate` gives it alone."
         ),
     )
     p.add_argument("--model", required=True, help="model directory or Hub repo id")
@@ -723,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--max-batch", type=positive_int, default=64, help="requests decoded together (default 64)")
     p.set_defaults(func=_serve)
     return parser
 
@@ -736,7 +738,7 @@ def _serve(args) -> None:
         raise BltError(f"--port must be in 0..65535, got {args.port}")
     model = load_blt(args.model, entropy_model=args.entropy_model, device=args.device or "cpu")
     print(f"serving {args.model} on http://{args.host}:{args.port}", file=sys.stderr)
-    serve(model, host=args.host, port=args.port, name=args.model)
+    serve(model, host=args.host, port=args.port, name=args.model, max_rows=args.max_batch)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,11 +21,12 @@ serve = pytest.importorskip("blt.serve", reason="fastapi not installed (the `ser
 @pytest.fixture(scope="module")
 def server():
     torch.manual_seed(0)
-    model = blt.BLT(tiny_config()).eval()
+    model = blt.BLT(tiny_config(max_seqlen=2048)).eval()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(serve.create_app(model), host="127.0.0.1", port=port, log_level="warning"))
+    app = serve.create_app(model)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -35,19 +36,19 @@ def server():
                 break
         except httpx.TransportError:
             time.sleep(0.05)
-    yield model, url
+    yield model, url, app
     srv.should_exit = True
     thread.join(5)
 
 
 def test_health_and_models(server):
-    _, url = server
+    _, url, _ = server
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "blt"
 
 
 def test_plain_completion_equals_generate(server):
-    model, url = server
+    model, url, _ = server
     r = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 12, "seed": 3, "temperature": 0.8})
     assert r.status_code == 200
     want = model.generate(["hello"], 12, temperature=0.8, seed=3)[0]
@@ -56,7 +57,7 @@ def test_plain_completion_equals_generate(server):
 
 
 def test_streaming_completion_equals_generate(server):
-    model, url = server
+    model, url, _ = server
     text = ""
     with httpx.stream("POST", url + "/v1/completions", json={"prompt": "ab", "max_tokens": 10, "stream": True}) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
@@ -67,26 +68,76 @@ def test_streaming_completion_equals_generate(server):
 
 
 def test_16_concurrent_requests_each_equal_generate_alone(server):
-    model, url = server
-    prompts = [f"p{i}" for i in range(16)]
+    model, url, app = server
+    # prompts of different lengths, greedy and seeded sampling, a stop string: rows join and leave at different steps
+    bodies = [
+        {"prompt": f"p{i} " * (1 + i % 5), "max_tokens": 20 + 3 * i, "temperature": 0.9 * (i % 2), "seed": i}
+        | ({"stop": ["e"]} if i % 4 == 0 else {})
+        | ({"stream": True} if i % 3 == 0 else {})
+        for i in range(16)
+    ]
 
-    def ask(p):
-        return httpx.post(url + "/v1/completions", json={"prompt": p, "max_tokens": 6}, timeout=60).json()
+    def ask(body):
+        if not body.get("stream"):
+            return httpx.post(url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        return "".join(chunk["choices"][0]["text"] for chunk in _events(url, body))
 
+    app.state.batcher.peak_rows = 0
     with ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(ask, prompts))
-    for p, g in zip(prompts, got):
-        assert g["choices"][0]["text"] == model.generate([p], 6)[0].decode("utf-8", errors="replace")
+        got = list(pool.map(ask, bodies))
+    for body, text in zip(bodies, got):
+        kwargs = {"temperature": body["temperature"], "seed": body["seed"], "stop": body.get("stop")}
+        want = model.generate([body["prompt"]], body["max_tokens"], **kwargs)[0]
+        assert text == want.decode("utf-8", errors="replace"), body
+    assert app.state.batcher.peak_rows > 1  # they were decoded together
 
 
-def test_a_client_disconnecting_mid_stream_frees_the_server(server):
-    _, url = server
-    with httpx.stream(
-        "POST", url + "/v1/completions", json={"prompt": "x", "max_tokens": 100_000, "stream": True}
-    ) as r:
-        next(r.iter_lines())
+def _events(url, body):
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def _wait_for(condition, seconds=10.0):
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_client_disconnecting_mid_stream_frees_its_row(server):
+    _, url, app = server
+    batcher = app.state.batcher
+    cancelled = batcher.finished["cancelled"]
+    body = {"prompt": "x", "max_tokens": 100_000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body) as r:
+        assert next(r.iter_lines()).startswith("data: ")
+        assert batcher.running == 1  # generating: thousands of bytes to go (until the 2048 patches are full)
+    _wait_for(lambda: batcher.running == 0)  # the row left the batch once the server saw the client go ...
+    assert batcher.finished["cancelled"] == cancelled + 1  # ... cancelled, not finished
     r = httpx.post(url + "/v1/completions", json={"prompt": "y", "max_tokens": 3}, timeout=30)
-    assert r.status_code == 200
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_the_openai_client(server):
+    openai = pytest.importorskip("openai", reason="the openai client is not installed")
+    model, url, _ = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    want = model.generate(["hello"], 12, temperature=0.8, seed=5)[0].decode("utf-8", errors="replace")
+    r = client.completions.create(model="blt", prompt="hello", max_tokens=12, temperature=0.8, seed=5)
+    assert r.choices[0].text == want and r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+    chunks = client.completions.create(model="blt", prompt="hello", max_tokens=12, temperature=0.8, seed=5, stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert [m.id for m in client.models.list()] == ["blt"]
+
+
+def test_a_prompt_too_long_for_the_model_is_400(server):
+    model, url, _ = server
+    prompt = "z" * (4 * model.config.max_seqlen + 8)  # more patches of 4 bytes than the global context holds
+    for stream in (False, True):
+        r = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "stream": stream})
+        assert r.status_code == 400 and "max_seqlen" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -94,20 +145,20 @@ def test_a_client_disconnecting_mid_stream_frees_the_server(server):
     [({"prompt": "a", "max_tokens": 0}, "max_tokens"), ({"prompt": "a", "temperature": -1}, "temperature")],
 )
 def test_bad_requests_are_400_with_a_message(server, body, match):
-    _, url = server
+    _, url, _ = server
     r = httpx.post(url + "/v1/completions", json=body)
     assert r.status_code == 400 and match in r.json()["error"]["message"]
 
 
 def test_malformed_json_is_400_and_the_server_lives(server):
-    _, url = server
+    _, url, _ = server
     r = httpx.post(url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code in (400, 422)
     assert httpx.get(url + "/health").status_code == 200
 
 
 def test_patches_endpoint(server):
-    model, url = server
+    model, url, _ = server
     r = httpx.post(url + "/v1/patches", json={"text": "hello world"}).json()
     assert bytes(r["bytes"]) == b"hello world"
     _, starts, _, _ = patch_view(model, b"hello world")
@@ -115,7 +166,7 @@ def test_patches_endpoint(server):
 
 
 def test_the_page_is_served(server):
-    _, url = server
+    _, url, _ = server
     r = httpx.get(url + "/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
     assert "/v1/patches" in r.text and "/v1/completions" in r.text

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch._dynamo
@@ -394,3 +394,67 @@ class IncrementalBLT:
             rv.copy_(torch.where(closing[:, None, None, None, None], v, rv))
         s.n_patches += closing.long()
         s.open_len.masked_fill_(closing, 0)
+
+    # ---- rows joining and leaving a running batch (continuous batching, `blt.inference.batching`) -----
+    @torch.no_grad()
+    def add_rows(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Prefill `rows` (ids, BOS first) on their own and append them to the running batch -> their next-byte
+        logits [n, V]. Every row keeps its own clock, caches and patches, so a row decodes in a batch exactly as
+        it would alone; with no running batch this is `prefill`."""
+        if self.state is None or len(self.state.positions) == 0:
+            return self.prefill(rows)
+        joining = IncrementalBLT(self.model)
+        logits = joining.prefill(rows)
+        s, t = self.state, joining.state
+        for f in fields(s):
+            setattr(s, f.name, _cat_rows(getattr(s, f.name), getattr(t, f.name)))
+        self.open_bound = max(self.open_bound, joining.open_bound)
+        self._rows_changed()
+        return logits
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` [n] (indices into the running batch, in their new order): the others leave it."""
+        s = self.state
+        rows = rows.to(s.positions.device)
+        for f in fields(s):
+            setattr(s, f.name, _take_rows(getattr(s, f.name), rows))
+        self._rows_changed()
+
+    def _rows_changed(self) -> None:
+        """What `_prepare_step` derives from the batch's rows, again after rows joined or left."""
+        s = self.state
+        self.rows = torch.arange(len(s.positions), device=s.positions.device)
+        self.read_views = [(k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2)) for k, v in s.read_kv]
+
+
+def _take_rows(x, rows: torch.Tensor):
+    """A `DecodingState` field with only `rows` of the batch."""
+    if x is None:
+        return None
+    if isinstance(x, KVCache):
+        x.keep_rows(rows)
+        return x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_take_rows(e, rows) for e in x)
+    return x[rows]
+
+
+def _cat_rows(x, y):
+    """A `DecodingState` field of a running batch followed by the same field of rows joining it. Tensors are
+    zero-padded to the same size past the batch dimension first (the open-patch buffers may differ in capacity)."""
+    if x is None:
+        return None
+    if isinstance(x, KVCache):
+        x.add_rows(y)
+        return x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cat_rows(a, b) for a, b in zip(x, y))
+    size = [max(a, b) for a, b in zip(x.shape, y.shape)]
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        widths = []  # F.pad's order: the last dimension first
+        for d in reversed(range(1, t.dim())):
+            widths += [0, size[d] - t.shape[d]]
+        return F.pad(t, widths)
+
+    return torch.cat([pad(x), pad(y)])

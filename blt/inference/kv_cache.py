@@ -123,6 +123,23 @@ class KVCache:
     def _write_slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # ---- rows joining and leaving a running batch (continuous batching) ----------------------------
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` [n] (indices into the batch, in their new order)."""
+        self.pos = self.pos[rows]
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+        self.rows = torch.arange(len(rows), device=self.pos.device)
+        self.pending = None
+
+    def add_rows(self, other: KVCache) -> None:
+        """Append the rows of `other` (a cache of the same stack, the same number of slots) after this batch's."""
+        self.pos = torch.cat([self.pos, other.pos])
+        self.k = [torch.cat(pair) for pair in zip(self.k, other.k)]
+        self.v = [torch.cat(pair) for pair in zip(self.v, other.v)]
+        self.rows = torch.arange(len(self.pos), device=self.pos.device)
+        self.pending = None
+
 
 @dataclass
 class LayerCache:
@@ -204,6 +221,23 @@ class GrowingCache(KVCache):
     def context(self):
         used = int(self.count.max())
         return self.pos[:, :used], [t[:, :used] for t in self.k], [t[:, :used] for t in self.v]
+
+    def keep_rows(self, rows):
+        super().keep_rows(rows)
+        self.count = self.count[rows]
+
+    def add_rows(self, other):
+        capacity = max(self.pos.shape[1], other.pos.shape[1])  # the same number of slots in both first
+        for cache in (self, other):
+            extra = capacity - cache.pos.shape[1]
+            if extra:
+                if cache.static:
+                    raise ValueError(f"a static cache of {cache.pos.shape[1]} slots cannot take {capacity}")
+                cache.pos = F.pad(cache.pos, (0, extra), value=-1)
+                cache.k = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in cache.k]
+                cache.v = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in cache.v]
+        super().add_rows(other)
+        self.count = torch.cat([self.count, other.count])
 
     def _write_slots(self, rows, positions):  # slot = position: the rows hold positions 0..count-1
         if len(positions):
