@@ -711,6 +711,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_patch)
 
     p = sub.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with the model 'blt' registered",
+        description=(
+            "The harness's own command line (lm-eval run ...), with this package's model registered as 'blt': "
+            "blt lm-eval run --model blt --model_args pretrained=DIR --tasks hellaswag. Bytes are the tokens "
+            "(max_gen_toks, max_length count bytes); acc_norm divides by characters, acc_bytes by bytes."
+        ),
+        add_help=False,  # --help goes to the harness
+    )
+    p.add_argument("harness_args", nargs=argparse.REMAINDER, help="the harness's arguments")
+    p.set_defaults(func=_lm_eval)
+
+    p = sub.add_parser(
         "serve",
         help="an OpenAI-compatible completions server",
         description=(
@@ -729,6 +742,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _lm_eval(args) -> None:
+    try:
+        from blt.lm_eval import cli  # noqa: PLC0415  (optional dependency: the `lm-eval` extra; not a cycle)
+    except ImportError as e:
+        raise BltError(f"blt lm-eval needs lm-evaluation-harness: pip install 'blt-lm[lm-eval]' ({e})") from None
+    cli(args.harness_args)
+
+
 def _serve(args) -> None:
     try:
         from blt.serve import serve  # noqa: PLC0415  (optional dependency: the `serve` extra; not a cycle)
@@ -743,7 +764,11 @@ def _serve(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # all that follows is the harness's (argparse would take its --options for ours)
+        args = argparse.Namespace(command="lm-eval", func=_lm_eval, harness_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         args.func(args)
     except BltError as e:

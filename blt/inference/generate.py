@@ -17,7 +17,7 @@ from blt.inference.decoding import IncrementalBLT
 from blt.inference.sampling import StopChecker, allowed_ids, check_generation_args, row_generators, sample_next
 from blt.inference.speculative import SpeculationStats, SpeculativeBLT, Speculator, check_speculation
 from blt.model.blt import BLT
-from blt.tokenizer import EOS_ID, OFFSET
+from blt.tokenizer import BOE_ID, EOS_ID, OFFSET
 
 
 @torch.no_grad()
@@ -130,29 +130,48 @@ def generate(model: BLT, prompts: Sequence[str | bytes], max_new_bytes: int, ret
 
 # ---- scoring ------------------------------------------------------------------------------------
 @torch.no_grad()
+def next_logits(model: BLT, rows: Sequence[torch.Tensor], max_forward: int | None = None) -> list[torch.Tensor]:
+    """The logits after every id of each row but its last ([len - 1, V] per row of ids [len]).
+
+    Rows that fit (`max_forward` ids, default the model's `max_encoder_seq_length`) run together in one forward
+    pass, right-padded (everything is causal: padding changes nothing at the real positions); a longer row is
+    prefilled up to that length and continued one byte at a time with the caches, so memory stays bounded and the
+    numbers are those of the whole text."""
+    device = model.local_encoder.tok_embeddings.weight.device
+    limit = max_forward or model.config.max_encoder_seq_length
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    short = [i for i, r in enumerate(rows) if len(r) <= limit]
+    if short:
+        ids = torch.full((len(short), max(len(rows[i]) for i in short)), BOE_ID, dtype=torch.long)
+        for b, i in enumerate(short):
+            ids[b, : len(rows[i])] = rows[i]
+        logits = model(ids.to(device))
+        for b, i in enumerate(short):
+            out[i] = logits[b, : len(rows[i]) - 1]
+    for i in (i for i, r in enumerate(rows) if len(r) > limit):
+        ids = rows[i].to(device)
+        engine = IncrementalBLT(model)
+        steps = [engine.prefill([ids[:limit]], every_position=True)[0]]
+        for p in tqdm(range(limit, len(ids) - 1), desc="score", unit="B", leave=False, disable=len(ids) - limit < 2000):
+            steps.append(engine.step(ids[p : p + 1]))
+        out[i] = torch.cat(steps)
+    return out
+
+
+@torch.no_grad()
 def score(model: BLT, data: str | bytes, max_forward: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log2 p of every id of `data` after BOS given the ids before it, and which of them are bytes.
 
     A text that fits (`max_forward` ids, default the model's `max_encoder_seq_length`) takes one
     forward pass; a longer one is prefilled up to that length and continued one byte at a time with
-    the caches, so memory stays bounded and the numbers are those of the whole text.
+    the caches, so memory stays bounded and the numbers are those of the whole text (`next_logits`).
     """
     model.eval()
     ids = model.encode(data)
-    device = model.local_encoder.tok_embeddings.weight.device
-    ids = ids.to(device)
-    limit = max_forward or model.config.max_encoder_seq_length
     if len(ids) < 2:
         raise BltError("nothing to score: the text is empty")
-    if len(ids) <= limit:
-        logits = model(ids[None])[0, :-1]
-    else:
-        engine = IncrementalBLT(model)
-        steps = [engine.prefill([ids[:limit]], every_position=True)[0]]
-        for p in tqdm(range(limit, len(ids) - 1), desc="score", unit="B", leave=False, disable=len(ids) - limit < 2000):
-            steps.append(engine.step(ids[p : p + 1]))
-        logits = torch.cat(steps)
-    targets = ids[1:]
+    (logits,) = next_logits(model, [ids], max_forward)
+    targets = ids[1:].to(logits.device)
     logp = torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0] / torch.log(torch.tensor(2.0))
     return logp.cpu(), (targets >= OFFSET).cpu()
 
