@@ -163,7 +163,10 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="text files, directories or globs (.txt, .jsonl with a 'text' field, .gz, any bytes)",
+        help=(
+            "text files, directories or globs (.txt, .jsonl with a 'text' field, .gz, .parquet, any bytes), "
+            "datasets save_to_disk folders, hf://datasets/NAME[:split]"
+        ),
     )
     p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl and the final model")
     p.add_argument("--max-steps", type=positive_int, help="optimizer steps (default: the preset's)")
@@ -202,6 +205,19 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", type=device, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="train even when the memory estimate exceeds what is free")
+    _add_corpus_options(p)
+
+
+def _add_corpus_options(p: argparse.ArgumentParser) -> None:
+    """What --data reads from Parquet files, datasets and Hub datasets (`read_documents`)."""
+    p.add_argument("--text-field", help="the column holding the text in Parquet files and datasets (default: text)")
+    p.add_argument(
+        "--max-bytes", type=positive_int, help="read at most this many bytes of documents (a Hub dataset streams)"
+    )
+
+
+def _corpus(args) -> dict:
+    return {"text_field": args.text_field, "max_bytes": args.max_bytes}
 
 
 def _overrides(args) -> dict:
@@ -232,6 +248,7 @@ def _train_entropy(args) -> None:
         split=args.split,
         device=args.device,
         force=args.force,
+        **_corpus(args),
         **_overrides(args),
     )
     if result:
@@ -257,6 +274,7 @@ def _train(args) -> None:
         cache_dir=args.cache_dir,
         device=args.device,
         force=args.force,
+        **_corpus(args),
         **_overrides(args),
     )
     if result and "bpb" in result:
@@ -275,6 +293,8 @@ def _eval(args) -> None:
         batch_size=args.batch_size,
         device=args.device,
         cache_dir=args.cache_dir,
+        text_field=args.text_field or "text",
+        max_bytes=args.max_bytes,
     )
     if args.json:
         print(json.dumps(r))
@@ -413,6 +433,8 @@ def _compare(args) -> None:
         entropy_steps=args.entropy_steps,
         title=args.title,
         report=args.report,
+        text_field=args.text_field or "text",
+        max_bytes=args.max_bytes,
     )
     stem = args.report.removesuffix(".md") if args.report else f"{args.out}/compare"
     print(f"report written to {stem}.md (+ {stem}-train.png, {stem}-inference.png)")
@@ -540,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=device)
     p.add_argument("--cache-dir", help="where entropies are cached (default: ~/.cache/blt)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_corpus_options(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser(
@@ -689,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
             "OUT/compare.md)"
         ),
     )
+    _add_corpus_options(p)
     p.set_defaults(func=_compare)
 
     p = sub.add_parser(

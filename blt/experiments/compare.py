@@ -184,8 +184,10 @@ class Workspace:
         split: str,
         entropy_steps: int,
         progress: bool,
+        text_field: str = "text",
+        max_bytes: int | None = None,
     ):
-        docs = read_documents(data)
+        docs = read_documents(data, text_field, max_bytes)
         self.train_docs, self.val_docs = split_documents(docs, val_fraction, split)
         self.out, self.seq_len, self.progress = out, seq_len, progress
         out.mkdir(parents=True, exist_ok=True)
@@ -378,11 +380,22 @@ class Workspace:
         return scores
 
 
-def check_fingerprint(out: Path, data, seq_len, batch_size, bpe_vocab, val_fraction, split, entropy_steps) -> None:
+def check_fingerprint(
+    out: Path,
+    data,
+    seq_len,
+    batch_size,
+    bpe_vocab,
+    val_fraction,
+    split,
+    entropy_steps,
+    text_field="text",
+    max_bytes=None,
+) -> None:
     """Results in `out` are reused only when computed on the same data with the same settings: the first run
     writes `fingerprint.json` (a hash of every document and the settings); a later one must match it."""
     h = hashlib.sha256()
-    for d in read_documents(data):
+    for d in read_documents(data, text_field, max_bytes):
         h.update(hashlib.sha256(d.data).digest())
     now = {
         "data_sha256": h.hexdigest(),
@@ -424,9 +437,11 @@ def run_compare(
     progress: bool = True,
     title: str | None = None,
     report: str | Path | None = None,
+    text_field: str = "text",
+    max_bytes: int | None = None,
 ) -> list[dict]:
     """Run (or read back) every plan and write the report to `report` (.md, -train.png, -inference.png;
-    default `out`/compare)."""
+    default `out`/compare). `text_field` and `max_bytes` are `read_documents`'s."""
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise BltError(f"unknown model(s) {', '.join(unknown)}; valid models: {', '.join(MODELS)}")
@@ -434,8 +449,10 @@ def run_compare(
         raise BltError("budgets must be positive FLOP counts, e.g. 1e13,3e13")
     out = Path(out)
     claim(out, "compare", "blt compare")  # refuses a folder compare did not make
-    check_fingerprint(out, data, seq_len, batch_size, bpe_vocab, val_fraction, split, entropy_steps)
-    ws = Workspace(data, out, seq_len, bpe_vocab, val_fraction, split, entropy_steps, progress)
+    check_fingerprint(
+        out, data, seq_len, batch_size, bpe_vocab, val_fraction, split, entropy_steps, text_field, max_bytes
+    )
+    ws = Workspace(data, out, seq_len, bpe_vocab, val_fraction, split, entropy_steps, progress, text_field, max_bytes)
     plans = [
         plan(m, b, ws.stats, seq_len, batch_size) for b in sorted(budgets) for m in models
     ]  # all sized first: bad budgets fail fast

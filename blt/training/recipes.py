@@ -237,22 +237,28 @@ def train_entropy(
     device: str | None = None,
     progress: bool = True,
     force: bool = False,
+    text_field: str | None = None,
+    max_bytes: int | None = None,
     **overrides,
 ) -> dict:
     """Train an entropy model into run folder `out`. With `resume`, settings left None are the saved run's;
-    flags a resumed run cannot honour (model, data stream) must equal the saved ones."""
+    flags a resumed run cannot honour (model, data stream) must equal the saved ones. `text_field` and `max_bytes`
+    are `read_documents`'s (the column of Parquet files and datasets; a cap on the bytes read)."""
     out = Path(out)
     d = setup_distributed(device)
     saved, handle = _open_run(out, "entropy-run", "blt train-entropy", resume, d.main)
     if saved:
         given = dict(overrides, preset=preset, data=list(map(str, data)), val_fraction=val_fraction, split=split)
+        given |= {"text_field": text_field, "max_bytes": max_bytes}
         _refuse_changes(out, saved, {k: v for k, v in given.items() if k not in RESUMABLE})
         data, val_fraction, split, preset = saved["data"], saved["val_fraction"], saved["split"], saved.get("preset")
+        text_field, max_bytes = saved.get("text_field"), saved.get("max_bytes")
     preset, val_fraction, split = preset or "demo", 0.1 if val_fraction is None else val_fraction, split or "auto"
     config, cfg = _run_settings(out, resume, lambda: entropy_preset(preset), EntropyModelConfig, overrides, saved)
     stacks = [(cfg.seq_len, config.dim, config.hidden_dim, config.n_layers)]
     _check_memory(entropy_params(config), cfg, stacks, config.vocab_size, d.device, force)
-    train_docs, val_docs = split_documents(read_documents(data), val_fraction, split)
+    docs = read_documents(data, text_field or "text", max_bytes)
+    train_docs, val_docs = split_documents(docs, val_fraction, split)
     train_stream, val_stream = build_stream(train_docs), build_stream(val_docs)
     seqs = PackedSequences(train_stream, cfg.seq_len)
     if d.main:
@@ -261,6 +267,8 @@ def train_entropy(
             "model": config.to_dict(),
             "train": asdict(cfg),
             "data": list(map(str, data)),
+            "text_field": text_field or "text",
+            "max_bytes": max_bytes,
             "val_fraction": val_fraction,
             "split": split,
             "preset": preset,
@@ -315,10 +323,13 @@ def train_blt(
     device: str | None = None,
     progress: bool = True,
     force: bool = False,
+    text_field: str | None = None,
+    max_bytes: int | None = None,
     **overrides,
 ) -> dict:
     """Train a BLT into run folder `out`. With `resume`, settings left None are the saved run's; flags a
-    resumed run cannot honour (model, patching, data stream, entropy model) must equal the saved ones."""
+    resumed run cannot honour (model, patching, data stream, entropy model) must equal the saved ones.
+    `text_field` and `max_bytes` are `read_documents`'s (the column of Parquet files and datasets; a byte cap)."""
     out = Path(out)
     d = setup_distributed(device)
     saved, handle = _open_run(out, "blt-run", "blt train", resume, d.main)
@@ -333,6 +344,8 @@ def train_blt(
             target_patch_bytes=target_patch_bytes,
             threshold=threshold,
             bpe_vocab=bpe_vocab,
+            text_field=text_field,
+            max_bytes=max_bytes,
         )
         if "patching" not in saved:
             given["patching"] = None
@@ -350,6 +363,7 @@ def train_blt(
                 )
         _refuse_changes(out, saved, {k: v for k, v in given.items() if k not in RESUMABLE})
         data, val_fraction, split = saved["data"], saved["val_fraction"], saved["split"]
+        text_field, max_bytes = saved.get("text_field"), saved.get("max_bytes")
         entropy_model = entropy_model or saved["entropy_model"]
         preset = saved.get("preset")
         patching = saved["model"]["patching"]["mode"]
@@ -380,7 +394,7 @@ def train_blt(
         )
 
     # data: the bpe patcher needs a tokenizer trained on the training split, and delimiters in the stream
-    train_docs, val_docs = split_documents(read_documents(data), val_fraction, split)
+    train_docs, val_docs = split_documents(read_documents(data, text_field or "text", max_bytes), val_fraction, split)
     tokenizer = None
     if patching == "bpe":
         tokenizer = (
@@ -422,6 +436,8 @@ def train_blt(
             "model": config.to_dict(),
             "train": asdict(cfg),
             "data": list(map(str, data)),
+            "text_field": text_field or "text",
+            "max_bytes": max_bytes,
             "val_fraction": val_fraction,
             "split": split,
             "entropy_model": str(entropy_model) if entropy_model else None,
@@ -474,13 +490,15 @@ def evaluate_model(
     device: str | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    text_field: str = "text",
+    max_bytes: int | None = None,
 ) -> dict:
     """bpb, mean patch size and FLOPs per byte of a saved model on `data` (or on its train/val split), and the bpb of
-    `xz -9` on the same bytes."""
+    `xz -9` on the same bytes. `text_field` and `max_bytes` are `read_documents`'s."""
     model = load_pretrained(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    docs = read_documents(data)
+    docs = read_documents(data, text_field, max_bytes)
     run_dir = Path(model_dir).parent if Path(model_dir).name == BEST else Path(model_dir)  # best/ sits in its run
     saved = _read_run(run_dir) if (run_dir / "run.json").is_file() else None
     if split in ("train", "val"):
