@@ -1,6 +1,7 @@
 """`blt serve` on a loopback port, through a real HTTP client."""
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -170,3 +171,36 @@ def test_the_page_is_served(server):
     r = httpx.get(url + "/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
     assert "/v1/patches" in r.text and "/v1/completions" in r.text
+
+
+def _chromium() -> str | None:
+    """A Chromium already installed (Debian's `chromium` package or Google's); never downloaded."""
+    names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+def test_the_page_in_a_browser_draws_blt_patch_boundaries(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (the `test` extra)")
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no Chromium on PATH (on Debian: apt install chromium); the page's browser test drives one")
+    model, url, _ = server
+    sentence = "Daenerys rode north; the dragons followed."
+    _, starts, _, _ = patch_view(model, sentence.encode())
+    want = [i for i, s in enumerate(starts) if s]  # what `blt patch` shows
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 800})
+            page.goto(url + "/")
+            page.fill("#src", sentence)  # typing: the page asks /v1/patches and redraws
+            page.wait_for_function(
+                "want => document.getElementById('text').dataset.starts === JSON.stringify(want)", arg=want
+            )
+            assert page.inner_text("#text") == sentence
+            page.click("#go")  # the completion streams in, coloured by patch
+            page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=60_000)
+            page.screenshot(path=str(tmp_path / "serve_page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "serve_page.png").stat().st_size > 0
