@@ -7,7 +7,8 @@ import blt
 from blt.config import PatchingConfig
 from blt.errors import BltError
 from blt.inference.batching import Batcher
-from tests.helpers import generation_model, tiny_config
+from blt.inference.decoding import IncrementalBLT
+from tests.helpers import TEXT, generation_model, tiny_config
 
 
 @pytest.mark.parametrize("name", ["space", "bpe", "entropy-max-length"])
@@ -79,3 +80,35 @@ def test_bad_requests():
         batcher.close()
     with pytest.raises(BltError, match="closed"):
         batcher.submit("a", 4)
+
+
+def test_engine_rows_joining_and_leaving_match_each_row_alone():
+    """IncrementalBLT.add_rows / keep_rows: the logits of every row of a batch that changes between steps are
+    those of the row decoded alone (the entropy patcher: patch state, entropies and caches all move with a row)."""
+    model = generation_model("entropy-global")
+    texts = {"a": TEXT[:40], "b": TEXT[50:53], "c": TEXT[60:100]}
+    feeds = {k: model.encode(t + TEXT[:30])[len(model.encode(t)) :] for k, t in texts.items()}  # ids fed per step
+
+    def alone(key, steps):
+        engine = IncrementalBLT(model)
+        out = [engine.prefill([model.encode(texts[key])])[0]]
+        for i in range(steps):
+            out.append(engine.step(feeds[key][i : i + 1])[0])
+        return out
+
+    engine, rows, got = IncrementalBLT(model), [], {k: [] for k in texts}
+    for step, (joining, leaving) in enumerate([("a", None), ("b", None), (None, None), ("c", "a"), (None, "b")]):
+        if leaving:
+            engine.keep_rows(torch.tensor([i for i, k in enumerate(rows) if k != leaving]))
+            rows.remove(leaving)
+        if rows:
+            logits = engine.step(torch.stack([feeds[k][len(got[k]) - 1] for k in rows]))
+            for k, row_logits in zip(rows, logits):
+                got[k].append(row_logits)
+        if joining:
+            got[joining].append(engine.add_rows([model.encode(texts[joining])])[0])
+            rows.append(joining)
+    for k, steps in got.items():
+        for mine, reference in zip(steps, alone(k, len(steps) - 1)):
+            torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-5)
+    assert [len(s) for s in got.values()] == [3, 3, 2]

@@ -400,15 +400,18 @@ class IncrementalBLT:
     def add_rows(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
         """Prefill `rows` (ids, BOS first) on their own and append them to the running batch -> their next-byte
         logits [n, V]. Every row keeps its own clock, caches and patches, so a row decodes in a batch exactly as
-        it would alone; with no running batch this is `prefill`."""
-        if self.state is None or len(self.state.positions) == 0:
+        it would alone. Before any `prefill` this is `prefill`; after, the steps' copies of the weights are kept."""
+        if self.state is None:
             return self.prefill(rows)
-        joining = IncrementalBLT(self.model)
+        joining = _PrefillOnly(self.model)
         logits = joining.prefill(rows)
-        s, t = self.state, joining.state
-        for f in fields(s):
-            setattr(s, f.name, _cat_rows(getattr(s, f.name), getattr(t, f.name)))
-        self.open_bound = max(self.open_bound, joining.open_bound)
+        if len(self.state.positions) == 0:  # every row had left: the new rows are the batch
+            self.state, self.open_bound = joining.state, joining.open_bound
+        else:
+            s, t = self.state, joining.state
+            for f in fields(s):
+                setattr(s, f.name, _cat_rows(getattr(s, f.name), getattr(t, f.name)))
+            self.open_bound = max(self.open_bound, joining.open_bound)
         self._rows_changed()
         return logits
 
@@ -425,6 +428,13 @@ class IncrementalBLT:
         s = self.state
         self.rows = torch.arange(len(s.positions), device=s.positions.device)
         self.read_views = [(k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2)) for k, v in s.read_kv]
+
+
+class _PrefillOnly(IncrementalBLT):
+    """The prefill of rows about to join a running batch: the steps' copies (fused weights) are the batch's."""
+
+    def _prepare_step(self, batch: int) -> None:
+        pass
 
 
 def _take_rows(x, rows: torch.Tensor):
