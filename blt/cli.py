@@ -740,9 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "The harness's own command line (lm-eval run ...), with this package's model registered as 'blt': "
             "blt lm-eval run --model blt --model_args pretrained=DIR --tasks hellaswag. Bytes are the tokens "
-            "(max_gen_toks, max_length count bytes); acc_norm divides by characters, acc_bytes by bytes."
+            "(max_gen_toks, max_length count bytes); acc_norm divides by characters, acc_bytes by bytes. "
+            "`blt lm-eval run --help` lists the harness's arguments."
         ),
-        add_help=False,  # --help goes to the harness
     )
     p.add_argument("harness_args", nargs=argparse.REMAINDER, help="the harness's arguments")
     p.set_defaults(func=_lm_eval)
@@ -789,7 +789,7 @@ def _serve(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["lm-eval"]:  # all that follows is the harness's (argparse would take its --options for ours)
+    if argv[:1] == ["lm-eval"] and argv[1:] not in (["-h"], ["--help"]):  # the rest is the harness's (not ours)
         args = argparse.Namespace(command="lm-eval", func=_lm_eval, harness_args=argv[1:])
     else:
         args = parser.parse_args(argv)

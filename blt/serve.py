@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from blt.errors import BltError
 from blt.experiments.visualize import patch_view
 from blt.inference.batching import Batcher, Finished
+from blt.inference.batching import Request as Job
 from blt.tokenizer import StreamDecoder
 
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -88,7 +89,7 @@ def create_app(model, name: str = "blt", max_rows: int = 64) -> FastAPI:
     def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "blt"}]}
 
-    def submit(req: CompletionRequest) -> tuple[asyncio.Queue, object]:
+    def submit(req: CompletionRequest) -> tuple[asyncio.Queue, Job]:
         """Queue the request with the batcher; its pieces and its `Finished` arrive in the returned queue."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
