@@ -222,6 +222,9 @@ class Batcher:
             except BltError as e:  # nothing joined the batch
                 self._finish(request, Finished("error", str(e)))
                 continue
+            except Exception as e:  # the batch may be broken too: `_run` ends every row
+                self._finish(request, Finished("error", f"generation failed: {e}"))
+                raise
             row = _Row(request, self.bpe)
             self.rows.append(row)
             self.next_ids.append(row.sample(logits, self.allowed))
@@ -233,7 +236,7 @@ class Batcher:
         for row, is_full in zip(self.rows, full):
             if row.reason is None and is_full:
                 row.reason = "length"  # the next patch would not fit in the global transformer
-            if row.request.cancelled.is_set():
+            if row.reason is None and row.request.cancelled.is_set():
                 row.reason = "cancelled"
         keep = [i for i, row in enumerate(self.rows) if row.reason is None]
         if len(keep) == len(self.rows):
