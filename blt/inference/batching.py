@@ -24,6 +24,7 @@ server passes a callback that hands them to its event loop.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections import Counter
@@ -37,6 +38,8 @@ from blt.inference.decoding import IncrementalBLT
 from blt.inference.sampling import StopChecker, allowed_ids, check_generation_args, row_generators, sample_next
 from blt.model.blt import BLT
 from blt.tokenizer import EOS_ID, OFFSET
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -188,6 +191,7 @@ class Batcher:
                     if self.rows:
                         self._step()
                 except Exception as e:  # a failure inside a step: its rows end with the error, the server lives on
+                    log.exception("blt batcher: a step failed; its %d rows end with the error", len(self.rows))
                     for row in self.rows:
                         self._finish(row.request, Finished("error", f"generation failed: {e}"))
                     self.rows, self.next_ids = [], []
