@@ -53,7 +53,6 @@ from blt.training.parallel import (
     is_sharded,
     prepare_blocks,
     rank_state_bytes,
-    set_gradient_sync,
     shard,
 )
 
@@ -255,7 +254,6 @@ def train_loop(
                 rows = indices[micro * cfg.batch_size : (micro + 1) * cfg.batch_size][d.rank :: d.world]
                 batch = {k: v.to(d.device) for k, v in data.batch(rows).items()}
                 sync = micro == cfg.grad_accum - 1 or d.world == 1
-                set_gradient_sync(model, sync)
                 with nullcontext() if sync or not replicated else ddp.no_sync(), autocast():
                     loss = forward(ddp, batch) / cfg.grad_accum
                 loss.backward()

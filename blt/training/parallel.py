@@ -95,12 +95,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def set_gradient_sync(model: nn.Module, sync: bool) -> None:
-    """Under FSDP, skip the reduce-scatter on all but the last micro-batch of an accumulated step."""
-    if is_sharded(model):
-        model.set_requires_gradient_sync(sync)
-
-
 def full_value(t: torch.Tensor) -> float:
     """A scalar that may be a DTensor (the gradient norm under FSDP) as a Python float."""
     return float(t.full_tensor() if isinstance(t, DTensor) else t)
