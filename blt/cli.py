@@ -24,9 +24,11 @@ from blt.experiments.visualize import patch_html, patch_png, patch_view, termina
 from blt.flops import flops_per_byte, format_table
 from blt.inference import score
 from blt.inference.speculative import DRAFTS, SpeculationStats
+from blt.memory import blt_stacks, blt_units, device_bytes, gib
 from blt.presets import BLT_PRESETS, ENTROPY_PRESETS
 from blt.tokenizer import StreamDecoder
-from blt.training.recipes import evaluate_model, resolve_model_dir, train_blt, train_entropy
+from blt.training.parallel import PARALLEL
+from blt.training.recipes import evaluate_model, export_checkpoint, resolve_model_dir, train_blt, train_entropy
 from blt.weights import convert, load_blt
 
 EXIT_USER_ERROR = 2
@@ -205,6 +207,22 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", type=device, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="train even when the memory estimate exceeds what is free")
+    p.add_argument(
+        "--parallel",
+        choices=PARALLEL,
+        help="under torchrun: ddp (default) replicates the model on every rank, fsdp shards it (FSDP2, sharded "
+        "checkpoints, resumable at another world size; one process trains it whole and writes sharded checkpoints), "
+        "none refuses more than one process",
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute each transformer block's activations in backward instead of keeping them",
+    )
+    p.add_argument(
+        "--compile", action="store_true", default=None, help="torch.compile each transformer block for training"
+    )
     _add_corpus_options(p)
 
 
@@ -234,8 +252,16 @@ def _overrides(args) -> dict:
         "log_every",
         "seed",
         "patience",
+        "parallel",
+        "activation_checkpointing",
+        "compile",
     )
     return {k: getattr(args, k) for k in keys}
+
+
+def _export(args) -> None:
+    ckpt = export_checkpoint(args.checkpoint, args.dst)
+    print(f"wrote {args.dst} from {ckpt} (load it with blt.load_pretrained)")
 
 
 def _train_entropy(args) -> None:
@@ -328,6 +354,43 @@ def _flops(args) -> None:
     else:
         print(f"FLOPs per byte at {args.seq_bytes} bytes per sequence, {patch:g} bytes per patch\n")
         print(format_table(report))
+
+
+def _memory(args) -> None:
+    config, hyper = BLT_PRESETS[args.preset]
+    world = args.world_size
+    batch = args.batch_size or -(-max(hyper.batch_size, world) // world) * world  # the preset's, a multiple of world
+    if batch % world:
+        raise BltError(f"--batch-size {batch} is not divisible by the {world} devices")
+    seq_len = args.seq_len or hyper.seq_len
+    units, stacks = blt_units(config), blt_stacks(config, seq_len, args.mean_patch_bytes)
+    modes = [args.parallel] if args.parallel else ["ddp", "fsdp"]
+    table = {
+        mode: device_bytes(
+            units,
+            stacks,
+            config.vocab_size,
+            seq_len,
+            batch // world,
+            world,
+            mode,
+            bf16=not args.fp32,
+            activation_checkpointing=args.activation_checkpointing,
+        )
+        for mode in modes
+    }
+    if args.json:
+        print(json.dumps({"params": sum(units), "world_size": world, "batch_size": batch, "seq_len": seq_len, **table}))
+        return
+    print(
+        f"{args.preset}: {sum(units) / 1e9:.2f}B parameters, {world} device(s), batch {batch} x {seq_len} bytes "
+        f"({batch // world} per device), {'fp32' if args.fp32 else 'bf16 mixed precision'}"
+        f"{', activation checkpointing' if args.activation_checkpointing else ''}\n"
+    )
+    print(f"{'per device':<16}" + "".join(f"{mode:>12}" for mode in modes))
+    for part in table[modes[0]]:
+        print(f"{part:<16}" + "".join(f"{gib(table[mode][part]):>12}" for mode in modes))
+    print(f"{'total':<16}" + "".join(f"{gib(sum(table[mode].values())):>12}" for mode in modes))
 
 
 def _demo(args) -> None:
@@ -500,6 +563,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_convert)
 
     p = sub.add_parser(
+        "export",
+        help="write a training checkpoint's model as a model folder",
+        description=(
+            "Turn a training checkpoint, sharded (--parallel fsdp, any world size) or not, into config.json + "
+            "model.safetensors, loadable with blt.load_pretrained. Runs in one process."
+        ),
+    )
+    p.add_argument("checkpoint", help="a run folder (its newest complete checkpoint) or RUN/checkpoints/step-N")
+    p.add_argument("dst", help="directory to write")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser(
         "train-entropy",
         help="train the entropy model (a small byte LM)",
         description="Train the byte-level entropy model whose uncertainty places patch boundaries.",
@@ -581,6 +656,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-patch-bytes", type=positive_float, help="mean patch size (default: the config's patch_size)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_flops)
+
+    p = sub.add_parser(
+        "memory",
+        help="training memory per device for DDP and FSDP",
+        description=(
+            "Estimated memory per device to train a BLT preset under torchrun: parameters, gradients and AdamW "
+            "moments (whole under DDP, 1/world under FSDP), communication buffers, activations and logits. "
+            "A floor: allocator slack and kernels' workspaces are not counted."
+        ),
+    )
+    p.add_argument("--preset", choices=list(BLT_PRESETS), default="blt-1b", help="model size (default blt-1b)")
+    p.add_argument("--world-size", type=positive_int, default=1, help="devices (torchrun ranks), default 1")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="one strategy (default: both side by side)")
+    p.add_argument("--batch-size", type=positive_int, help="sequences per step, all devices (default: the preset's)")
+    p.add_argument("--seq-len", type=positive_int, help="bytes per sequence (default: the preset's)")
+    p.add_argument("--mean-patch-bytes", type=positive_float, default=4.5, help="(default 4.5)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--fp32", action="store_true", help="float32 throughout (CPU) instead of CUDA's bf16")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_memory)
 
     p = sub.add_parser(
         "demo",

@@ -84,7 +84,9 @@ def test_two_ranks_match_one_process(tmp_path):
     wa, wb = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
     # one process wrote: a single metrics line per step
-    steps = [
-        r["step"] for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) if "loss" in r
-    ]
-    assert steps == sorted(set(steps))
+    records = [r for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in records] == sorted({r["step"] for r in records})
+    # DDP replicates: each rank holds the parameters and AdamW moments of one process (FSDP halves them: test_fsdp)
+    first = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
+    for held in ("param_bytes", "optimizer_bytes"):
+        assert records[0][held] == first[held] > 0

@@ -115,7 +115,8 @@ def test_a_client_disconnecting_mid_stream_frees_its_row(server):
     with httpx.stream("POST", url + "/v1/completions", json=body) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-        assert batcher.running == 1, (batcher.finished, [next(lines) for _ in range(3)])  # generating: thousands of bytes to go (until the 2048 patches are full)
+        # generating: thousands of bytes to go (until the 2048 patches are full)
+        assert batcher.running == 1, (batcher.finished, [next(lines) for _ in range(3)])
     _wait_for(lambda: batcher.running == 0)  # the row left the batch once the server saw the client go ...
     assert batcher.finished["cancelled"] == cancelled + 1  # ... cancelled, not finished
     r = httpx.post(url + "/v1/completions", json={"prompt": "y", "max_tokens": 3}, timeout=30)

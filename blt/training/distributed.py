@@ -1,4 +1,5 @@
-"""torchrun's environment as a `Dist`, and the two collectives the loop needs. A plain run is rank 0 of 1."""
+"""torchrun's environment as a `Dist`, and the few collectives the loop and its checkpoints need. A plain run is
+rank 0 of 1."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def setup_distributed(device: str | None = None) -> Dist:
 def mean_across_ranks(value: float, d: Dist) -> float:
     if d.world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=d.device)  # NCCL reduces only device tensors
     dist.all_reduce(t)
     return float(t) / d.world
 
@@ -49,6 +50,29 @@ def mean_across_ranks(value: float, d: Dist) -> float:
 def any_rank(flag: bool, d: Dist) -> bool:
     if d.world == 1:
         return flag
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([int(flag)], device=d.device)
     dist.all_reduce(t)
     return bool(t.item())
+
+
+def from_main(value, d: Dist):
+    """Rank 0's `value` on every rank (any picklable object)."""
+    if d.world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value, d: Dist) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if d.world == 1:
+        return [value]
+    out = [None] * d.world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def first_error(error: str | None, d: Dist) -> str | None:
+    """The first rank's error message, on every rank (None when no rank failed): one rank's failure stops all."""
+    return next((e for e in gather(error, d) if e is not None), None)

@@ -2,16 +2,18 @@
 
 AdamW with the paper's recipe (β = 0.9/0.95, weight decay 0.1 on matrices, linear warmup then cosine
 decay to 10% of the peak, gradient clipping at 1.0), gradient accumulation, float32 on CPU and
-bfloat16 autocast on CUDA. Under `torchrun` the same loop runs DistributedDataParallel (NCCL on GPU,
-gloo on CPU): every rank takes its own rows of each global batch, only rank 0 writes.
+bfloat16 on CUDA. Under `torchrun` every rank takes its own rows of each global batch (NCCL on GPU, gloo on
+CPU) and the model is spread over the ranks as `TrainConfig.parallel` says (`parallel.py`): DDP replicates
+it, FSDP2 shards it. Only rank 0 writes, but for the shards of a sharded checkpoint.
 
 A run directory holds:
     run.json            what is being trained (model config, training config, data, patching)
     metrics.jsonl       one JSON object per logged step / validation
-    checkpoints/        step-NNNNNNNN/{model.safetensors, trainer.pt} and `latest`
+    checkpoints/        step-NNNNNNNN/{model.safetensors | sharded/, trainer.pt, checksums.json} and `latest`
     config.json, model.safetensors (+ entropy_model/)   the final model, loadable with load_pretrained
 Checkpoints are written atomically (a temporary directory, then a rename) every `ckpt_every` steps and
-on SIGINT/SIGTERM; `resume=True` continues exactly where the last one stopped.
+on SIGINT/SIGTERM; `resume=True` continues exactly where the last one stopped, at any world size when the
+checkpoints are sharded.
 """
 
 from __future__ import annotations
@@ -32,9 +34,27 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from blt.errors import BltError
-from blt.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, usable_checkpoint
+from blt.training.checkpoints import (
+    is_sharded_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from blt.training.data import PackedSequences, batch_indices
 from blt.training.distributed import Dist, any_rank, mean_across_ranks
+from blt.training.parallel import (
+    PARALLEL,
+    check_parallel,
+    full_state_dict,
+    full_value,
+    is_sharded,
+    prepare_blocks,
+    rank_state_bytes,
+    shard,
+)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -62,6 +82,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
+    parallel: str = "ddp"  # none | ddp | fsdp: how torchrun's ranks share the model (parallel.py)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile each block's forward
 
     def __post_init__(self):
         """Refuse degenerate settings (zero steps, zero accumulation, a non-finite learning rate), naming them."""
@@ -89,6 +112,8 @@ class TrainConfig:
                 raise BltError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             raise BltError("lr must be > 0, got 0")
+        if self.parallel not in PARALLEL:
+            raise BltError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
             raise BltError(f"max_minutes must be a positive number, got {self.max_minutes!r}")
 
@@ -154,36 +179,54 @@ def train_loop(
     d: Dist | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
-    on_best: Callable[[torch.nn.Module, dict], None] | None = None,
+    on_best: Callable[[torch.nn.Module, dict, dict], None] | None = None,
 ) -> dict:
     """Train `model` on `data`; `forward(model, batch)` returns the loss of a batch already on the device.
 
-    With `validate`, the model is validated every `eval_every` steps and at the last step; `on_best(model, record)`
-    is called (on rank 0) whenever validation bpb reaches a new low, and `cfg.patience` validations without one
-    stop the run (a checkpoint is written first)."""
+    With `validate`, the model is validated every `eval_every` steps and at the last step; `on_best(model, record,
+    weights)` is called (on rank 0, with the model's weights whole even when it is sharded) whenever validation bpb
+    reaches a new low, and `cfg.patience` validations without one stop the run (a checkpoint is written first).
+
+    `model` is sharded in place under `cfg.parallel == "fsdp"`; `full_state_dict(model)` (parallel.py) gathers it."""
     d = d or Dist()
     out = Path(out)
+    check_parallel(cfg.parallel, d)
     if cfg.batch_size % d.world:
         raise BltError(f"batch size {cfg.batch_size} is not divisible by the {d.world} ranks")
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    sharded_checkpoints = cfg.parallel == "fsdp"  # at any world size: the run can move to another one
+    prepare_blocks(model, cfg.activation_checkpointing, cfg.compile)
+    if cfg.parallel == "fsdp" and d.world > 1:
+        shard(model, d)  # before the optimizer: it must hold the shards
     model.to(d.device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_at)
     step, position, elapsed_before = 0, 0, 0.0
     watch = ValidationWatch(cfg.patience)
     if resume:
-        ckpt = usable_checkpoint(out) if d.main or d.world == 1 else latest_checkpoint(out)
+        ckpt = resume_checkpoint(out, d)
         if ckpt is None:
             raise BltError(f"{out} holds no checkpoint to resume from")
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        if is_sharded_checkpoint(ckpt):
+            state = load_sharded_checkpoint(ckpt, model, optimizer, scheduler)
+        elif is_sharded(model):
+            raise BltError(
+                f"{ckpt} is a one-file checkpoint (a --parallel ddp or none run); FSDP resumes from sharded "
+                "checkpoints: resume with --parallel ddp"
+            )
+        else:
+            state = load_checkpoint(ckpt, model, optimizer, scheduler)
         step, position, elapsed_before = state["step"], state["position"], state["elapsed"]
         watch.load(state.get("validation") or {})
         if d.main:
             _truncate_metrics(out, step)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if d.device.type == "cuda" else nullcontext
+    replicated = cfg.parallel == "ddp" and d.world > 1
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if replicated else model
+    # on CUDA a sharded model computes in bfloat16 through FSDP's mixed-precision policy, the rest through autocast
+    bf16_autocast = d.device.type == "cuda" and not is_sharded(model)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16_autocast else nullcontext
 
     stop = {"signal": False}
     handlers = {}
@@ -211,7 +254,7 @@ def train_loop(
                 rows = indices[micro * cfg.batch_size : (micro + 1) * cfg.batch_size][d.rank :: d.world]
                 batch = {k: v.to(d.device) for k, v in data.batch(rows).items()}
                 sync = micro == cfg.grad_accum - 1 or d.world == 1
-                with nullcontext() if sync else ddp.no_sync(), autocast():
+                with nullcontext() if sync or not replicated else ddp.no_sync(), autocast():
                     loss = forward(ddp, batch) / cfg.grad_accum
                 loss.backward()
                 total += loss.detach().item()
@@ -222,7 +265,7 @@ def train_loop(
                     f"({f'the last good checkpoint is {kept}' if kept else 'no checkpoint was written'}; "
                     "try a lower --lr)"
                 )
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -234,9 +277,11 @@ def train_loop(
                 "step": step,
                 "loss": loss_value,
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "elapsed": elapsed,
             }
+            if step == 1:  # what this rank holds (rank 0's is logged): the whole model, or its shards under FSDP
+                last.update(rank_state_bytes(model, optimizer))
             if d.main and (step % cfg.log_every == 0 or step == 1):
                 log_metrics(out, last)
             watch.train_loss(loss_value)
@@ -253,18 +298,22 @@ def train_loop(
                     bar.write(f"step {step}: val bpb {val['bpb']:.3f}" + (" (best so far)" if improved else ""))
                     if warning:
                         bar.write(warning)
-                    if improved and on_best is not None:
-                        on_best(model, {"step": step, **val})
+                if improved and on_best is not None:
+                    weights = full_state_dict(model)  # under FSDP every rank takes part in gathering them
+                    if d.main:
+                        on_best(model, {"step": step, **val}, weights)
                 stalled = watch.out_of_patience
             out_of_time = cfg.max_minutes is not None and elapsed > cfg.max_minutes * 60
             interrupted = any_rank(stop["signal"], d)
             if step % cfg.ckpt_every == 0 or interrupted or out_of_time or stalled or step == cfg.max_steps:
-                if d.main:
-                    save_checkpoint(
-                        out, step, model, optimizer, scheduler, position, elapsed, cfg.keep_checkpoints, watch.state()
-                    )
-                if d.world > 1:
-                    dist.barrier()
+                args = (out, step, model, optimizer, scheduler, position, elapsed, cfg.keep_checkpoints, watch.state())
+                if sharded_checkpoints:
+                    save_sharded_checkpoint(*args, d)
+                else:
+                    if d.main:
+                        save_checkpoint(*args)
+                    if d.world > 1:
+                        dist.barrier()
             if interrupted:
                 raise Interrupted(
                     f"interrupted at step {step}; checkpoint written to {out / 'checkpoints'}; continue with --resume"

@@ -21,12 +21,12 @@ from blt.bpe import encode_with_delimiters, load_bpe, train_bpe
 from blt.config import BLTConfig, EntropyModelConfig, PatchingConfig, save_json
 from blt.errors import BltError
 from blt.flops import entropy_model_flops, flops_per_byte
-from blt.memory import available_cpu_bytes, blt_params, entropy_params, gib, training_bytes
+from blt.memory import available_cpu_bytes, blt_stacks, blt_units, device_bytes, entropy_units, gib
 from blt.model.blt import init_weights
 from blt.model.patching import build_patcher, threshold_for_mean_patch
 from blt.presets import blt_preset, entropy_preset
 from blt.rundir import TMP_PREFIX, adopt, claim, clean_temporaries, empty_folder, lock, marker
-from blt.training.checkpoints import latest_checkpoint
+from blt.training.checkpoints import latest_checkpoint, load_weights, usable_checkpoint
 from blt.training.data import (
     PackedSequences,
     build_stream,
@@ -39,6 +39,7 @@ from blt.training.data import (
 from blt.training.distributed import setup_distributed
 from blt.training.evaluate import evaluate_stream, patch_starts_for, unigram_bpb
 from blt.training.loop import TrainConfig, lm_loss, log_metrics, train_loop
+from blt.training.parallel import full_state_dict, is_sharded
 from blt.weights import BLT, EntropyModel, load_entropy_model, load_pretrained
 
 DEFAULT_CACHE = Path.home() / ".cache" / "blt"
@@ -55,6 +56,9 @@ RESUMABLE = (
     "ckpt_every",
     "log_every",
     "patience",
+    "parallel",
+    "activation_checkpointing",
+    "compile",
 )  # a resumed run honours these
 
 
@@ -118,17 +122,28 @@ def _run_settings(out: Path, resume: bool, preset, config_cls, overrides: dict, 
     return config, _train_config(hyper, overrides)
 
 
-def _check_memory(n_params: int, cfg: TrainConfig, stacks, vocab: int, device, force: bool) -> None:
-    """Refuse, before allocating anything, a job whose estimated memory exceeds what the device has free."""
-    need = training_bytes(n_params, cfg.batch_size, stacks, vocab, cfg.seq_len)
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = available_cpu_bytes()
+def _check_memory(units: list[int], cfg: TrainConfig, stacks, vocab: int, d, force: bool) -> None:
+    """Refuse, before allocating anything, a job whose estimated memory per device exceeds what the device has
+    free (each rank computes batch/world sequences; FSDP holds 1/world of the model and its optimizer)."""
+    cuda = d.device.type == "cuda"
+    parts = device_bytes(
+        units,
+        stacks,
+        vocab,
+        cfg.seq_len,
+        max(1, cfg.batch_size // d.world),
+        d.world,
+        cfg.parallel,
+        bf16=cuda,
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
+    need = sum(parts.values())
+    free = torch.cuda.mem_get_info(d.device)[0] if cuda else available_cpu_bytes()
     if free is not None and need > free and not force:
         raise BltError(
-            f"this job needs about {gib(need)} ({n_params / 1e6:.0f}M parameters, batch {cfg.batch_size} x "
-            f"{cfg.seq_len}) but {device.type} has {gib(free)} available; use a smaller preset/batch or --force"
+            f"this job needs about {gib(need)} per device ({sum(units) / 1e6:.0f}M parameters, batch "
+            f"{cfg.batch_size} x {cfg.seq_len}, {cfg.parallel} over {d.world}) but {d.device.type} has {gib(free)} "
+            "available; use a smaller preset/batch, more ranks with --parallel fsdp, or --force"
         )
 
 
@@ -167,13 +182,13 @@ def warn_if_large(model: torch.nn.Module, train_bytes: int, what: str) -> float:
 def save_best(out: Path):
     """`on_best` for the training loop: the model of each new best validation point goes to `out`/best."""
 
-    def on_best(model, record: dict) -> None:
+    def on_best(model, record: dict, weights: dict) -> None:
         was_training = model.training
         model.eval()
         tmp = out / f"{TMP_PREFIX}{BEST}"  # written whole, then swapped in: best/ is never half a model
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
             save_json({"step": record["step"], "val_bpb": record["bpb"]}, tmp / "best.json")
             shutil.rmtree(out / BEST, ignore_errors=True)
             os.replace(tmp, out / BEST)
@@ -193,6 +208,37 @@ def resolve_model_dir(path: str | Path, final: bool = False) -> Path:
     path = Path(path)
     best = path / BEST
     return path if final or not (best / "config.json").is_file() else best
+
+
+def export_checkpoint(src: str | Path, dst: str | Path) -> Path:
+    """Write the model of a training checkpoint as a `save_pretrained` folder, in one process, whatever world size
+    wrote it and whichever kind it is (sharded or one file). `src` is a run folder (its newest complete
+    checkpoint) or one checkpoint in it (RUN/checkpoints/step-N). Returns the checkpoint read."""
+    src = Path(src)
+    if (src / "checkpoints").is_dir():
+        run, ckpt = src, usable_checkpoint(src)
+    elif src.parent.name == "checkpoints" and (src / "trainer.pt").is_file():
+        run, ckpt = src.parent.parent, src
+    else:
+        raise BltError(f"{src} is neither a run folder with checkpoints nor a checkpoint (RUN/checkpoints/step-N)")
+    if ckpt is None:
+        raise BltError(f"{src} holds no complete checkpoint")
+    saved = _read_run(run)
+    try:
+        if saved.get("kind") == "entropy_model":
+            model = EntropyModel(EntropyModelConfig.from_dict(saved["model"]))
+        else:
+            config = BLTConfig.from_dict(saved["model"])
+            mode = config.patching.mode
+            em = load_entropy_model(saved["entropy_model"]) if mode == "entropy" else None
+            tokenizer = load_bpe(run / "bpe_tokenizer.json") if mode == "bpe" else None
+            model = BLT(config, patcher=build_patcher(config.patching, em, tokenizer))
+    except (KeyError, TypeError) as e:
+        raise BltError(f"{run / 'run.json'} does not describe a model ({e})") from None
+    load_weights(ckpt, model)
+    claim(Path(dst), "model", "blt export")  # a folder export did not make is refused, untouched
+    _write(lambda: model.eval().save_pretrained(dst), Path(dst))
+    return ckpt
 
 
 def xz_bpb(data: bytes) -> float:
@@ -256,7 +302,7 @@ def train_entropy(
     preset, val_fraction, split = preset or "demo", 0.1 if val_fraction is None else val_fraction, split or "auto"
     config, cfg = _run_settings(out, resume, lambda: entropy_preset(preset), EntropyModelConfig, overrides, saved)
     stacks = [(cfg.seq_len, config.dim, config.hidden_dim, config.n_layers)]
-    _check_memory(entropy_params(config), cfg, stacks, config.vocab_size, d.device, force)
+    _check_memory(entropy_units(config), cfg, stacks, config.vocab_size, d, force)
     docs = read_documents(data, text_field or "text", max_bytes)
     train_docs, val_docs = split_documents(docs, val_fraction, split)
     train_stream, val_stream = build_stream(train_docs), build_stream(val_docs)
@@ -283,18 +329,30 @@ def train_entropy(
     if d.main:
         warn_if_large(model, count_bytes(train_stream), "entropy model")
     train_loop(model, seqs, cfg, out, lm_forward, validate, resume, d, progress, on_best=save_best(out))
-    result = {}
+    result = _final(
+        model, out, d, lambda: evaluate_stream(model, val_stream, cfg.seq_len) if len(val_stream) > 1 else {}
+    )
     if d.main:
-        model.eval()
-        _write(lambda: model.save_pretrained(out), out)
-        if len(val_stream) > 1:
-            result = evaluate_stream(model, val_stream, cfg.seq_len)
+        if result:
             result["unigram_bpb"] = unigram_bpb(train_stream, val_stream)
             log_final(out, result)
         save_json(result, out / "summary.json")
     if handle is not None:
         handle.close()
     return result
+
+
+def _final(model, out: Path, d, evaluate) -> dict:
+    """Write the trained model to `out` (rank 0) and validate it. A sharded model is gathered by every rank and
+    validated by every rank (each forward pass gathers its blocks); a replicated one only by rank 0."""
+    weights = full_state_dict(model)
+    result = {}
+    if d.main:
+        model.eval()
+        _write(lambda: model.save_pretrained(out, state_dict=weights), out)
+    if d.main or is_sharded(model):
+        result = evaluate()
+    return result if d.main else {}
 
 
 def _write(save, out: Path) -> None:
@@ -373,14 +431,8 @@ def train_blt(
     config, cfg = _run_settings(out, resume, lambda: blt_preset(preset), BLTConfig, overrides, saved)
     if patching == "entropy" and entropy_model is None:
         raise BltError("entropy patching needs --entropy-model (train one with `blt train-entropy`)")
-    patches = max(1, round(cfg.seq_len / target_patch_bytes))
-    dims = config.ffn_dims
-    stacks = [
-        (cfg.seq_len, config.dim_local_encoder, dims[0], config.n_layers_local_encoder),
-        (patches, config.dim_global, dims[1], config.n_layers_global),
-        (cfg.seq_len, config.dim_local_decoder, dims[2], config.n_layers_local_decoder),
-    ]
-    _check_memory(blt_params(config), cfg, stacks, config.vocab_size, d.device, force)
+    stacks = blt_stacks(config, cfg.seq_len, target_patch_bytes)
+    _check_memory(blt_units(config), cfg, stacks, config.vocab_size, d, force)
     cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     if cache_dir.exists() and not cache_dir.is_dir():
         raise BltError(f"the cache folder {cache_dir} is a file")
@@ -459,12 +511,14 @@ def train_blt(
     if d.main:
         warn_if_large(model, count_bytes(train_stream), "BLT")
     train_loop(model, seqs, cfg, out, blt_forward(patcher), validate, resume, d, progress, on_best=save_best(out))
-    result = {}
+    result = _final(
+        model,
+        out,
+        d,
+        lambda: evaluate_stream(model, val_stream, cfg.seq_len, entropies=val_ent) if len(val_stream) > 1 else {},
+    )
     if d.main:
-        model.eval()
-        _write(lambda: model.save_pretrained(out), out)
-        if len(val_stream) > 1:
-            result = evaluate_stream(model, val_stream, cfg.seq_len, entropies=val_ent)
+        if result:
             result["unigram_bpb"] = unigram_bpb(train_stream, val_stream)
             log_final(out, result)
         result["threshold"] = config.patching.threshold

@@ -19,11 +19,15 @@ ENTROPY_DIR = "entropy_model"
 BPE_TOKENIZER = "bpe_tokenizer.json"
 
 
-def save_entropy_model(model: EntropyModel, path: str | Path) -> None:
+def save_entropy_model(model: EntropyModel, path: str | Path, state_dict: dict | None = None) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_json({"model_type": ENTROPY_MODEL_TYPE, **model.config.to_dict()}, path / "config.json")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / WEIGHTS))
+    _save_weights(model.state_dict() if state_dict is None else state_dict, path / WEIGHTS)
+
+
+def _save_weights(state_dict: dict, path: Path) -> None:
+    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(path))
 
 
 def patching_of(model: BLT) -> PatchingConfig:
@@ -41,12 +45,13 @@ def patching_of(model: BLT) -> PatchingConfig:
     )
 
 
-def save_blt(model: BLT, path: str | Path) -> None:
+def save_blt(model: BLT, path: str | Path, state_dict: dict | None = None) -> None:
+    """`state_dict` (default: the model's own) is what a sharded model's ranks gathered: its weights whole."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(model.config, patching=patching_of(model))
     save_json({"model_type": MODEL_TYPE, **config.to_dict()}, path / "config.json")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / WEIGHTS))
+    _save_weights(model.state_dict() if state_dict is None else state_dict, path / WEIGHTS)
     if model.entropy_model is not None:
         save_entropy_model(model.entropy_model, path / ENTROPY_DIR)
     tokenizer = getattr(model.patcher, "tokenizer", None)

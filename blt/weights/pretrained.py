@@ -21,14 +21,15 @@ from blt.weights.ours import save_blt, save_entropy_model
 class BLT(GenerationMixin, network.BLT):
     """A BLT you can generate with (`generate`, `stream`) and save (`save_pretrained`)."""
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write `config.json` + `model.safetensors` (+ `entropy_model/`, + `bpe_tokenizer.json`)."""
-        save_blt(self, path)
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """Write `config.json` + `model.safetensors` (+ `entropy_model/`, + `bpe_tokenizer.json`); `state_dict`
+        replaces the model's own weights (as in transformers: a sharded model's weights, gathered whole)."""
+        save_blt(self, path, state_dict)
 
 
 class EntropyModel(entropy_model.EntropyModel):
     """An entropy model you can save (`save_pretrained`)."""
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write `config.json` + `model.safetensors`."""
-        save_entropy_model(self, path)
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """Write `config.json` + `model.safetensors`; `state_dict` replaces the model's own weights."""
+        save_entropy_model(self, path, state_dict)
