@@ -16,7 +16,7 @@ LAYERS = [
     {"blt.weights"},
     {"blt.training"},
     {"blt.experiments"},
-    {"blt.serve"},
+    {"blt.serve", "blt.lm_eval"},  # integrations with other tools: the server, the evaluation harness
     {"blt.cli", "blt.__main__"},
 ]
 MODEL_MAY_IMPORT = {"blt.errors", "blt.tokenizer", "blt.config", "blt.bpe", "blt.model"}
