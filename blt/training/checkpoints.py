@@ -230,12 +230,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         weights = load_file(str(path / "model.safetensors"))
     except Exception as e:  # torch.load and safetensors raise many kinds of errors on a damaged file
         raise BltError(f"{path} is damaged and cannot be loaded: {str(e).splitlines()[0] if str(e) else e!r}") from None
-    own = _weights(model)
-    if set(weights) != set(own):
-        raise BltError(f"{path} does not hold this model's weights")
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(weights[k])
+    _copy_weights(path, weights, model)
     optimizer.load_state_dict(state["optimizer"])
     _restore_trainer(state, scheduler)
     return state
@@ -274,6 +269,11 @@ def load_weights(path: Path, model) -> None:
             weights = load_file(str(path / "model.safetensors"))
     except Exception as e:  # a damaged file, a checkpoint of another model
         raise BltError(f"{path} cannot be loaded into this model: {_cause(e)}") from None
+    _copy_weights(path, weights, model)
+
+
+def _copy_weights(path: Path, weights: dict[str, torch.Tensor], model) -> None:
+    """Checkpoint `path`'s `weights` into `model`, in place; refused unless they are exactly its weights."""
     own = _weights(model)
     if set(weights) != set(own):
         raise BltError(f"{path} does not hold this model's weights")
