@@ -694,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output directory (default runs/demo); an earlier demo run there is replaced, any other folder refused",
     )
     p.add_argument("--entropy-steps", type=positive_int, default=300)
-    p.add_argument("--blt-steps", type=positive_int, default=220)
+    p.add_argument("--blt-steps", type=positive_int, default=300)
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(

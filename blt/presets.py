@@ -85,8 +85,8 @@ BLT_PRESETS: dict[str, tuple[BLTConfig, Hyper]] = {
             ffn_dim_local_encoder=384,
             ffn_dim_global=768,
             ffn_dim_local_decoder=384,
-            encoder_hash_byte_group_size=[3, 4, 5, 6, 7, 8],
-            encoder_hash_byte_group_vocab=8192,
+            encoder_hash_byte_group_size=[3, 4, 5],  # sized to a 2 MB corpus: larger tables memorize it
+            encoder_hash_byte_group_vocab=4096,
             max_seqlen=2048,
             max_encoder_seq_length=8192,
             **_LOCAL,
