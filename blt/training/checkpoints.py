@@ -51,14 +51,7 @@ def save_checkpoint(
         save_file(_weights(model), str(tmp / "model.safetensors"))
         state = _trainer_state(step, position, elapsed, scheduler, validation)
         torch.save({**state, "optimizer": optimizer.state_dict()}, tmp / "trainer.pt")
-        sums = {name: _checksum(tmp / name) for name in ("model.safetensors", "trainer.pt")}
-        (tmp / "checksums.json").write_text(json.dumps(sums) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / ".latest.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, root / "latest")
+        _seal(tmp, final, {name: _checksum(tmp / name) for name in ("model.safetensors", "trainer.pt")})
     except (OSError, RuntimeError, SafetensorError) as e:  # torch.save reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         (root / ".latest.tmp").unlink(missing_ok=True)
@@ -116,13 +109,7 @@ def save_sharded_checkpoint(
 
     def seal(sums: dict):
         if d.main:
-            (tmp / "checksums.json").write_text(json.dumps(dict(sorted(sums.items()))) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            pointer = root / ".latest.tmp"
-            pointer.write_text(final.name + "\n")
-            os.replace(pointer, root / "latest")
+            _seal(tmp, final, dict(sorted(sums.items())))
 
     stage(prepare)
     stage(write)
@@ -169,6 +156,17 @@ def _one_process():
 
 def is_sharded_checkpoint(path: Path) -> bool:
     return (path / SHARDED).is_dir()
+
+
+def _seal(tmp: Path, final: Path, sums: dict) -> None:
+    """Make the complete checkpoint written in `tmp` the folder `final` and the run's `latest`, each by a rename."""
+    (tmp / "checksums.json").write_text(json.dumps(sums) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = final.parent / ".latest.tmp"
+    pointer.write_text(final.name + "\n")
+    os.replace(pointer, final.parent / "latest")
 
 
 def _checksum(path: Path) -> dict:
