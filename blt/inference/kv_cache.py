@@ -193,11 +193,15 @@ class GrowingCache(KVCache):
 
     def _grow(self, needed: int) -> None:
         capacity = self.pos.shape[1]
-        if needed <= capacity:
-            return
+        if needed > capacity:
+            self._resize(max(needed, 2 * capacity))
+
+    def _resize(self, slots: int) -> None:
+        """Pad every row to `slots` slots, the new ones empty (a static cache refuses: it never grows)."""
+        capacity = self.pos.shape[1]
         if self.static:
-            raise ValueError(f"a static cache of {capacity} slots cannot hold {needed}")
-        extra = max(needed, 2 * capacity) - capacity
+            raise ValueError(f"a static cache of {capacity} slots cannot grow to {slots}")
+        extra = slots - capacity
         self.pos = F.pad(self.pos, (0, extra), value=-1)
         self.k = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in self.k]
         self.v = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in self.v]
@@ -229,13 +233,8 @@ class GrowingCache(KVCache):
     def add_rows(self, other):
         capacity = max(self.pos.shape[1], other.pos.shape[1])  # the same number of slots in both first
         for cache in (self, other):
-            extra = capacity - cache.pos.shape[1]
-            if extra:
-                if cache.static:
-                    raise ValueError(f"a static cache of {cache.pos.shape[1]} slots cannot take {capacity}")
-                cache.pos = F.pad(cache.pos, (0, extra), value=-1)
-                cache.k = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in cache.k]
-                cache.v = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in cache.v]
+            if cache.pos.shape[1] < capacity:
+                cache._resize(capacity)
         super().add_rows(other)
         self.count = torch.cat([self.count, other.count])
 
