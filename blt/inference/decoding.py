@@ -217,7 +217,7 @@ class IncrementalBLT:
                 buf[b, :n] = layer_states[b, lengths[b] - n : lengths[b]]
             st.open.append(buf)
         self.open_bound = int(st.open_len.max())  # an upper bound of open_len, kept without reading it
-        self._prepare_step(batch)
+        self._prepare_step()
         return logits
 
     @staticmethod
@@ -227,7 +227,7 @@ class IncrementalBLT:
         return torch.cat([torch.full((n - len(tail),), BOE_ID, dtype=ids.dtype, device=ids.device), tail])
 
     # ---- one byte per row ----------------------------------------------------------------------------
-    def _prepare_step(self, batch: int) -> None:
+    def _prepare_step(self) -> None:
         """Inference copies for the steps: fused blocks, the hash powers, views of the decoder's patch keys."""
         m, s = self.model, self.state
         device = s.positions.device
@@ -237,11 +237,9 @@ class IncrementalBLT:
         self.em_blocks = None
         if isinstance(self.patcher, EntropyPatcher):
             self.em_blocks = [FusedBlock(b) for b in self.patcher.entropy_model.layers]
-        self.rows = torch.arange(batch, device=device)
         self.dtype = m.local_encoder.tok_embeddings.weight.dtype
         self.hash_powers = self._hash_powers(device)
-        # the decoder's cross-attention keys/values as sdpa reads them: [B, H, k, hd] views of `read_kv`
-        self.read_views = [(k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2)) for k, v in s.read_kv]
+        self._rows_changed()
         self.cross_weights = [
             (x.attn.wq.weight.detach().t(), x.attn.wo.weight.detach().t()) for x in m.local_decoder.cross_attn
         ]
@@ -424,7 +422,8 @@ class IncrementalBLT:
         self._rows_changed()
 
     def _rows_changed(self) -> None:
-        """What `_prepare_step` derives from the batch's rows, again after rows joined or left."""
+        """What the steps derive from the batch's rows: their indices, and the decoder's cross-attention keys/values
+        as sdpa reads them ([B, H, k, hd] views of `read_kv`); after a prefill and whenever rows join or leave."""
         s = self.state
         self.rows = torch.arange(len(s.positions), device=s.positions.device)
         self.read_views = [(k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2)) for k, v in s.read_kv]
@@ -433,7 +432,7 @@ class IncrementalBLT:
 class _PrefillOnly(IncrementalBLT):
     """The prefill of rows about to join a running batch: the steps' copies (fused weights) are the batch's."""
 
-    def _prepare_step(self, batch: int) -> None:
+    def _prepare_step(self) -> None:
         pass
 
 
