@@ -5,6 +5,7 @@ eager decoding with a warning where torch.compile cannot work."""
 import pytest
 import torch
 import torch._dynamo
+from torch._dynamo.utils import counters
 
 import blt
 from blt.inference import generate_recompute
@@ -14,6 +15,7 @@ from tests.helpers import LONG, PATCHERS, SHORT, generation_model
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()  # every model compiles anew, and dynamo's per-function cache never fills up
+    counters.clear()
     yield
     torch._dynamo.reset()
 
@@ -21,12 +23,15 @@ def fresh_dynamo():
 def test_compiled_generation_is_exact_and_never_recompiles():
     model = generation_model("entropy-global")
     eager = [model.generate([p], 300, stop_at_eos=False)[0] for p in (SHORT, LONG)]
-    # the first call compiles; with recompilation an error, the rest runs one graph per part throughout:
-    # positions past the 16-byte window, ~75 patches, a new engine and prompts of another length
-    first = model.generate([SHORT], 8, stop_at_eos=False, compile=True)[0]
+    # the first call traces each part once; the rest runs those graphs throughout: positions past the 16-byte
+    # window, ~75 patches (the global cache and the open-patch buffers grow), new engines, prompts of another length
+    first = model.generate([SHORT], 32, stop_at_eos=False, compile=True)[0]
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 3  # byte part, patch closing, decoder
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = [model.generate([p], 300, stop_at_eos=False, compile=True)[0] for p in (SHORT, LONG)]
-    assert first == eager[0][:8]
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert first == eager[0][:32]
     assert compiled == eager
     assert compiled[0][:100] == generate_recompute(model, [SHORT], 100, stop_at_eos=False)[0]
 
@@ -60,3 +65,16 @@ def test_without_torch_compile_decoding_is_eager_with_a_warning(monkeypatch):
 def test_compile_must_be_a_bool(value):
     with pytest.raises(blt.BltError, match="compile must be True or False"):
         generation_model("static").generate([SHORT], 4, compile=value)
+
+
+def test_graphs_run_without_guards_yet_never_mix_models_settings_or_batch_sizes():
+    # the graphs skip dynamo's guards: what they assume is held apart by model and engine signature instead
+    a, b = generation_model("entropy-global", seed=0), generation_model("entropy-global", seed=1)
+    eager = {name: m.generate([SHORT], 96, stop_at_eos=False) for name, m in (("a", a), ("b", b))}
+    assert eager["a"] != eager["b"]
+    for name, m in (("a", a), ("b", b), ("a", a)):
+        assert m.generate([SHORT], 96, stop_at_eos=False, compile=True) == eager[name]
+    a.patcher.threshold += 0.5  # a setting the graph takes as fixed: a new signature, a new trace
+    assert a.generate([SHORT], 96, stop_at_eos=False, compile=True) == a.generate([SHORT], 96, stop_at_eos=False)
+    pair = [SHORT, LONG]  # another batch size
+    assert a.generate(pair, 96, stop_at_eos=False, compile=True) == a.generate(pair, 96, stop_at_eos=False)

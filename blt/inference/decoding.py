@@ -17,12 +17,16 @@ byte for byte.
 
 from __future__ import annotations
 
+import types
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 import torch._dynamo
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
 from blt.errors import BltError
@@ -55,29 +59,50 @@ class DecodingState:
     global_cache: GrowingCache
 
 
-def compiled(fn):
-    """`fn` under `torch.compile`: one graph with static shapes (on a GPU, CUDA graphs replay it).
+def compiled(fn, device_type: str):
+    """`fn` (a function of the engine and tensors) under `torch.compile`, as a copy of its own: a step part's graph
+    is traced once per engine signature (`IncrementalBLT.signature`) and then runs without guards.
+
+    Checking dynamo's guards costs more than a small step's arithmetic on a CPU (30-60 us a call), so they are
+    dropped (`skip_all_guards_unsafe`). That is safe only because nothing a graph assumed can change under it:
+    each copy of `fn` (a fresh code object, so a cache of its own) serves one model and one signature (batch size,
+    dtype, device, the patcher's settings); the sizes that do change between steps (the open-patch buffers and
+    the global cache, which grow) are marked dynamic before the trace; everything else has fixed shapes. On a
+    CPU the graph's wrapper is C++ (`cpp_wrapper`); on a GPU, CUDA graphs replay it ("reduce-overhead").
 
     Where torch.compile cannot work (a Python version dynamo does not support, or no C++ compiler for
     inductor), `fn` runs eagerly, with a warning: the output is the same, only slower."""
     if not torch._dynamo.is_dynamo_supported():
         warnings.warn("torch.compile is not supported here (see torch._dynamo.is_dynamo_supported); decoding eagerly")
         return fn
-    mode = "reduce-overhead" if torch.cuda.is_available() else None
-    graph = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-    failed = False
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+    if device_type == "cpu":
+        options["cpp_wrapper"] = True
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    graph = torch.compile(copy, fullgraph=True, dynamic=False, mode=mode, options=options)
+    traced, failed = False, False
 
     def run(*args):
-        nonlocal failed
+        nonlocal traced, failed
         if not failed:
             try:
-                return graph(*args)
+                if traced:
+                    return graph(*args)
+                with fx_config.patch(use_duck_shape=False):  # dynamic sizes equal at the trace stay apart
+                    out = graph(*args)
+                traced = True
+                return out
             except torch._dynamo.exc.BackendCompilerFailed as e:  # raised before the graph runs: nothing half done
                 failed = True
                 warnings.warn(f"torch.compile failed ({str(e).splitlines()[0]}); decoding eagerly")
         return fn(*args)
 
     return run
+
+
+# the compiled step parts of each model, by part and engine signature (they outlive an engine: a model compiles once)
+_GRAPHS: weakref.WeakKeyDictionary[BLT, dict] = weakref.WeakKeyDictionary()
 
 
 class IncrementalBLT:
@@ -93,13 +118,31 @@ class IncrementalBLT:
         self.hash_history = hash_embeddings.history if hash_embeddings is not None else 0
         self.state: DecodingState | None = None
         self.compile = compile
-        self.byte_part, self.close_part, self.decoder_part = self._byte_part, self._close_part, self._decoder_part
-        if compile:
-            self.byte_part, self.close_part, self.decoder_part = (
-                compiled(self._byte_part),
-                compiled(self._close_part),
-                compiled(self._decoder_part),
-            )
+        self.graphs = _GRAPHS.setdefault(model, {}) if compile else None
+        self.signature: tuple = ()
+        self.byte_part, self.close_part, self.decoder_part = (
+            partial(self._part, type(self)._byte_part),
+            partial(self._part, type(self)._close_part),
+            partial(self._part, type(self)._decoder_part),
+        )
+
+    def _part(self, fn, *args):
+        """Run a step part, compiled (one graph per signature, traced on first use) or not."""
+        if not self.compile:
+            return fn(self, *args)
+        key = (fn.__qualname__, self.signature)
+        graph = self.graphs.get(key)
+        if graph is None:
+            self._mark_dynamic()
+            graph = self.graphs[key] = compiled(fn, self.rows.device.type)
+        return graph(self, *args)
+
+    def _mark_dynamic(self) -> None:
+        """The sizes that grow between steps, dynamic in a graph about to be traced: the open-patch buffers'
+        capacity and the global cache's slots."""
+        s = self.state
+        for t in [*s.open, s.global_cache.pos, *s.global_cache.k, *s.global_cache.v]:
+            torch._dynamo.mark_dynamic(t, 1)
 
     def _device_dtype(self):
         p = self.model.local_encoder.tok_embeddings.weight
@@ -160,7 +203,7 @@ class IncrementalBLT:
             c.dim_global // c.n_heads_global,
             device,
             dtype,
-            **({"capacity": c.max_seqlen, "static": True} if self.compile else {}),
+            static=self.compile,
         )
         encoder_cache.prefill(lengths)
         num_patches = int(patch_of[:, -1].max()) + 1
@@ -207,9 +250,7 @@ class IncrementalBLT:
         )
         # the open patch's byte states after each cross-attention layer, in buffers [B, capacity, D]
         st = self.state
-        # compiled, room for a patch as long as the local window from the start (a longer one recompiles once)
-        least = self.patcher.max_patch_length or (c.local_attention_window_len or 512 if self.compile else 16)
-        capacity = max(least, int(st.open_len.max()) + 1)
+        capacity = max(16, int(st.open_len.max()) + 1)  # grows by doubling (`_room_for_one_more`)
         for layer_states in states:
             buf = layer_states.new_zeros(batch, capacity, layer_states.shape[-1])
             for b in range(batch):
@@ -300,6 +341,7 @@ class IncrementalBLT:
                     f"the text reached the global transformer's context of {self.config.max_seqlen} patches "
                     "(max_seqlen)"
                 )
+            self.state.global_cache.reserve(int(self.state.n_patches.max()) + 1)  # (a static cache grows here)
             self.close_part(closing & ~full)  # a finished row that is full closes no more patches
         return self.decoder_part(h)
 
@@ -378,9 +420,7 @@ class IncrementalBLT:
         """For the rows where `closing` [B] holds: pool the open patch, one global step, new decoder keys.
         Every row is computed (static shapes); the others keep their state."""
         m, s = self.model, self.state
-        capacity = s.open[0].shape[1]
-        member = (torch.arange(capacity, device=closing.device) >= s.open_len[:, None]).long()  # patch 1: padding
-        vectors = m.local_encoder.pool_patches(s.open, member, 2)[:, 0]
+        vectors = self._pool_open()
         glb, positions = m.global_transformer, s.n_patches
         mask = s.global_cache.step(positions, store=closing)
         h = vectors if glb.in_proj is None else glb.in_proj(vectors)
@@ -392,6 +432,23 @@ class IncrementalBLT:
             rv.copy_(torch.where(closing[:, None, None, None, None], v, rv))
         s.n_patches += closing.long()
         s.open_len.masked_fill_(closing, 0)
+
+    def _pool_open(self) -> torch.Tensor:
+        """`LocalEncoder.pool_patches` of each row's open patch (its first `open_len` entries of the open-patch
+        buffers) -> [B, k*D]: the max over its bytes, projected to k queries that attend to its bytes in each
+        cross-attention layer. Masked over the buffers rather than scattered, which costs a step far less."""
+        enc, s = self.model.local_encoder, self.state
+        outside = torch.arange(s.open[0].shape[1], device=s.open_len.device) >= s.open_len[:, None]  # [B, capacity]
+        pooled = s.open[0].masked_fill(outside[:, :, None], float("-inf")).amax(1)
+        queries = enc.patch_projection(pooled).unflatten(-1, (enc.k, -1))  # [B, k, D]
+        for cross, h in zip(enc.cross_attn, s.open):
+            q = cross.attn.project_q(cross.q_norm(queries))  # [B, k, H, hd]
+            keys, values = cross.project_kv(h)  # [B, capacity, H, hd]
+            scores = torch.einsum("bnhd,bthd->bhnt", q.float(), keys.float()) * q.shape[-1] ** -0.5
+            weights = scores.masked_fill(outside[:, None, None], float("-inf")).softmax(-1)
+            out = torch.einsum("bhnt,bthd->bnhd", weights, values.float()).type_as(q)
+            queries = queries + (queries + cross.attn.wo(out.flatten(-2)))  # the release's doubled residual
+        return queries.flatten(1)
 
     # ---- rows joining and leaving a running batch (continuous batching, `blt.inference.batching`) -----
     @torch.no_grad()
@@ -427,6 +484,10 @@ class IncrementalBLT:
         s = self.state
         self.rows = torch.arange(len(s.positions), device=s.positions.device)
         self.read_views = [(k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2)) for k, v in s.read_kv]
+        settings = sorted((k, v) for k, v in vars(self.patcher).items() if isinstance(v, (bool, int, float, str)))
+        # what a compiled part's graph may take as fixed (see `compiled`)
+        self.signature = (type(self).__name__, len(s.positions), str(self.dtype), str(self.rows.device),
+                          repr(self.config), type(self.patcher).__name__, tuple(settings))  # fmt: skip
 
 
 class _PrefillOnly(IncrementalBLT):

@@ -85,7 +85,7 @@ def stream(
                         done[b] = True
                     elif nxt >= OFFSET:
                         new[b].append(nxt - OFFSET)
-                        keep = stopper.cut(bytes(new[b]))
+                        keep = stopper.cut(bytes(new[b])) if stopper.stops else None
                         if keep is not None:
                             del new[b][keep:]
                             done[b] = True
@@ -93,7 +93,7 @@ def stream(
                     done[b] = done[b] or taken[b] >= budget
                     if done[b]:
                         break
-                end = len(new[b]) if done[b] else stopper.safe(bytes(new[b]))
+                end = len(new[b]) if done[b] or not stopper.stops else stopper.safe(bytes(new[b]))
                 piece, shown[b] = bytes(new[b][shown[b] : end]), max(shown[b], end)
                 if return_logits:
                     row_logits = step_logits[b, :used] if speculate else step_logits[b]
@@ -103,7 +103,7 @@ def stream(
             yield out
             if all(done):
                 return
-            active = torch.tensor([not d for d in done])
+            active = torch.tensor([not d for d in done]) if any(done) else None  # None: every row
             if speculate:
                 chosen, step_logits = speculator.round(ids, active)
                 ids = torch.tensor([c[-1] for c in chosen])
@@ -119,11 +119,14 @@ def generate(model: BLT, prompts: Sequence[str | bytes], max_new_bytes: int, ret
     """The new bytes of every prompt (with `return_logits`, also the logits of every id it chose [n, V])."""
     outputs = [bytearray() for _ in prompts]
     steps: list[list[torch.Tensor]] = [[] for _ in prompts]
-    for items in stream(model, prompts, max_new_bytes, return_logits=True, **kwargs):
+    for items in stream(model, prompts, max_new_bytes, return_logits=return_logits, **kwargs):
         for b, item in enumerate(items):
-            if item is not None:
-                outputs[b] += item[0]
-                steps[b].append(item[1].reshape(-1, item[1].shape[-1]))
+            if item is None:
+                continue
+            if return_logits:
+                item, logits = item
+                steps[b].append(logits.reshape(-1, logits.shape[-1]))
+            outputs[b] += item
     result = [bytes(o) for o in outputs]
     return (result, [torch.cat(s) for s in steps]) if return_logits else result
 

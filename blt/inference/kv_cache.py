@@ -12,8 +12,8 @@ Attention calls `cache.layer(i).update(k, v)`, and what that does is the cache's
   the row's slots, under the mask `step` returned. A `store` mask keeps some rows' positions out of the cache
   (the global cache of a row whose patch did not close): their attention output is meaningless and dropped.
 
-Every shape a step sees is fixed (a `GrowingCache` made with `static=True` never grows), so a compiled step
-runs one graph at every position.
+A step reads no tensor of a window cache or of a `GrowingCache` made with `static=True`, and changes no shape
+(a static cache grows between steps, by `reserve`), so a compiled step runs one graph at every position.
 """
 
 from __future__ import annotations
@@ -174,7 +174,9 @@ class WindowCache(KVCache):
 
 class GrowingCache(KVCache):
     """One slot per position, in order. Attention reads only the filled slots, and capacity doubles when full;
-    or, `static`, the cache holds `capacity` slots from the start and attention reads all of them (masked)."""
+    or, `static`, a step reads no tensor and never grows the cache: attention reads all its slots (masked), and
+    the caller makes room before a step (`reserve`), so that a compiled step runs one graph however many
+    patches there are (the slot dimension is dynamic there)."""
 
     def __init__(
         self,
@@ -196,12 +198,13 @@ class GrowingCache(KVCache):
         if needed > capacity:
             self._resize(max(needed, 2 * capacity))
 
+    def reserve(self, slots: int) -> None:
+        """Room for `slots` slots per row (doubling), before a step of a static cache."""
+        self._grow(slots)
+
     def _resize(self, slots: int) -> None:
-        """Pad every row to `slots` slots, the new ones empty (a static cache refuses: it never grows)."""
-        capacity = self.pos.shape[1]
-        if self.static:
-            raise ValueError(f"a static cache of {capacity} slots cannot grow to {slots}")
-        extra = slots - capacity
+        """Pad every row to `slots` slots, the new ones empty."""
+        extra = slots - self.pos.shape[1]
         self.pos = F.pad(self.pos, (0, extra), value=-1)
         self.k = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in self.k]
         self.v = [F.pad(t, (0, 0, 0, 0, 0, extra)) for t in self.v]
@@ -218,7 +221,7 @@ class GrowingCache(KVCache):
         slots = self.count.clone()
         self.count += 1 if store is None else store.long()
         if self.static:  # a row that does not store may point one past the end: it writes its last slot
-            return slots.clamp(max=self.pos.shape[1] - 1), self.pos.shape[1]
+            return slots.clamp(max=self.pos.shape[1] - 1), self.pos.shape[1]  # (empty: `reserve` made room)
         self._grow(int(slots.max()) + 1)
         return slots, int(self.count.max())
 

@@ -388,7 +388,7 @@ class Speculator:
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         return sample_next(logits, self.allowed, self.temperature, self.top_k, self.top_p, self.generators)
 
-    def round(self, last: torch.Tensor, active: torch.Tensor) -> tuple[list[list[int]], torch.Tensor]:
+    def round(self, last: torch.Tensor, active: torch.Tensor | None) -> tuple[list[list[int]], torch.Tensor]:
         """Read `last` [B] (each row's newest id) and as many drafted bytes as the full model keeps -> per row the
         new ids (the accepted drafts and one of the full model's; the last one not read yet) and the logits each
         was picked from [B, k+1, V] (the first len(ids[b]) of row b)."""
@@ -406,7 +406,7 @@ class Speculator:
         drafts = drafts.tolist()
         new = [drafts[b][: accepted[b]] + [nxt[b]] for b in range(len(drafts))]
         for b in range(len(new)):
-            if active[b]:
+            if active is None or active[b]:
                 self.stats.passes += 1
                 self.stats.drafted += k
                 self.stats.accepted += accepted[b]
