@@ -40,7 +40,7 @@ def generation_modes(model, left_out: dict[str, str] | None = None) -> tuple[lis
     return modes, skipped
 
 
-def mode_rate(model, prompts, n_bytes: int, kwargs: dict, warmup_bytes: int = 8) -> dict:
+def mode_rate(model, prompts, n_bytes: int, kwargs: dict, warmup_bytes: int = 32) -> dict:
     """Aggregate new bytes/s of greedy `model.generate` in one mode, after a short warm-up call (whose time,
     compilation included, is reported apart); the bytes per patch of the first row, and the outputs."""
     from blt.tokenizer import to_bytes
