@@ -71,10 +71,14 @@ class StackClock:
         )
 
     def install(self) -> None:
-        """Wrap the engine's methods (after `prefill`, which makes the fused blocks)."""
+        """Wrap the engine's methods (after `prefill`, which makes the fused blocks). A compiled engine runs the
+        entropy model and the local encoder in one graph (`byte_part`): they are clocked together, as
+        `entropy_model+local_encoder` (install it after the steps that compile every part)."""
         if not self.available:
             return
         e, seconds = self.engine, self.seconds
+        if e.compile:
+            close, decode, step, byte = e.close_part, e.decoder_part, e.step, e.byte_part
         names = {id(e.enc_blocks): "local_encoder"}
         if getattr(e, "em_blocks", None) is not None:
             names[id(e.em_blocks)] = "entropy_model"
@@ -97,7 +101,11 @@ class StackClock:
             self.steps += 1
             return clocked("step", step)(*args, **kwargs)
 
-        e._run_blocks, e.step = blocks, one_step
+        if e.compile:
+            e.byte_part = clocked("entropy_model+local_encoder", byte)
+        else:
+            e._run_blocks = blocks
+        e.step = one_step
         e.close_part, e.decoder_part = clocked("global", close), clocked("local_decoder", decode)
 
     def per_byte(self) -> dict[str, float]:
@@ -109,15 +117,18 @@ class StackClock:
         return {k: v / max(1, self.steps) * 1e3 for k, v in s.items()}
 
 
-def stack_times(model, text: bytes, n_steps: int, prompt_bytes: int = 100, warmup: int = 4) -> dict | None:
+def stack_times(
+    model, text: bytes, n_steps: int, prompt_bytes: int = 100, warmup: int = 4, compile: bool = False
+) -> dict | None:
     """Per-byte milliseconds of each stack at batch 1, prefilling the first `prompt_bytes` of `text` and then
     stepping through the next `n_steps` bytes of it (teacher forcing: a step costs what a greedy step costs,
     and the patches are those of real text, which a random model's own output is not); None where the
-    engine's internals are not what `StackClock` wraps."""
+    engine's internals are not what `StackClock` wraps. `compile`: the compiled engine (the `warmup` steps
+    must close a patch, so that they compile every part)."""
     from blt.inference import IncrementalBLT
 
     ids = model.encode(text[: prompt_bytes + warmup + n_steps])
-    engine = IncrementalBLT(model)
+    engine = IncrementalBLT(model, compile=compile)
     engine.prefill([ids[: prompt_bytes + 1]])
     clock = StackClock(engine)
     if not clock.available:

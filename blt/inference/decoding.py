@@ -143,6 +143,7 @@ class IncrementalBLT:
         s = self.state
         for t in [*s.open, s.global_cache.pos, *s.global_cache.k, *s.global_cache.v]:
             torch._dynamo.mark_dynamic(t, 1)
+        torch._dynamo.mark_dynamic(s.global_cache.live, 0)
 
     def _device_dtype(self):
         p = self.model.local_encoder.tok_embeddings.weight
@@ -210,6 +211,7 @@ class IncrementalBLT:
         h, patch_vectors, states = enc(ids, patch_of[:, :-1], num_patches, self_mask, cache=encoder_cache)
         n_closed = int(closed.max())
         global_cache.prefill(closed)
+        global_cache.reserve(n_closed + 1)
         global_out = glb(patch_vectors[:, :n_closed], cache=global_cache)
         decoder_cache.prefill(lengths)
         dec_patch = (patch_of[:, 1:] - 1).clamp(max=n_closed - 1)  # padding positions may point past the closed patches
@@ -341,7 +343,7 @@ class IncrementalBLT:
                     f"the text reached the global transformer's context of {self.config.max_seqlen} patches "
                     "(max_seqlen)"
                 )
-            self.state.global_cache.reserve(int(self.state.n_patches.max()) + 1)  # (a static cache grows here)
+            self.state.global_cache.reserve(int(self.state.n_patches.max()) + 1)  # (what a static cache reads)
             self.close_part(closing & ~full)  # a finished row that is full closes no more patches
         return self.decoder_part(h)
 

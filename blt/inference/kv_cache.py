@@ -173,10 +173,12 @@ class WindowCache(KVCache):
 
 
 class GrowingCache(KVCache):
-    """One slot per position, in order. Attention reads only the filled slots, and capacity doubles when full;
-    or, `static`, a step reads no tensor and never grows the cache: attention reads all its slots (masked), and
-    the caller makes room before a step (`reserve`), so that a compiled step runs one graph however many
-    patches there are (the slot dimension is dynamic there)."""
+    """One slot per position, in order. Attention reads only the filled slots, and capacity doubles when full.
+
+    `static`: a step reads no tensor and never grows the cache, so that a compiled step runs one graph however
+    many patches there are. The caller says before a step how many slots it may fill (`reserve`), and attention
+    reads that many: their number is the length of `live` ([slots] bytes, a view), a tensor size that a compiled
+    graph takes as dynamic, where a Python int would be baked in."""
 
     def __init__(
         self,
@@ -192,6 +194,7 @@ class GrowingCache(KVCache):
         super().__init__(n_layers, batch, n_kv_heads, head_dim, capacity, device, dtype)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)  # filled slots per row
         self.static = static
+        self.live = torch.empty(0, dtype=torch.uint8, device=device)
 
     def _grow(self, needed: int) -> None:
         capacity = self.pos.shape[1]
@@ -199,8 +202,12 @@ class GrowingCache(KVCache):
             self._resize(max(needed, 2 * capacity))
 
     def reserve(self, slots: int) -> None:
-        """Room for `slots` slots per row (doubling), before a step of a static cache."""
+        """Before a step of a static cache: room for `slots` slots per row (doubling), and attention over that many
+        (at least 2: a graph traced with 1 would take it as a constant)."""
+        slots = max(2, slots)
         self._grow(slots)
+        if len(self.live) != slots:
+            self.live = torch.empty(self.pos.shape[1], dtype=torch.uint8, device=self.pos.device)[:slots]
 
     def _resize(self, slots: int) -> None:
         """Pad every row to `slots` slots, the new ones empty."""
@@ -220,8 +227,8 @@ class GrowingCache(KVCache):
     def _step_slots(self, positions, store):
         slots = self.count.clone()
         self.count += 1 if store is None else store.long()
-        if self.static:  # a row that does not store may point one past the end: it writes its last slot
-            return slots.clamp(max=self.pos.shape[1] - 1), self.pos.shape[1]  # (empty: `reserve` made room)
+        if self.static:  # every row's next slot is among the `live` ones: `reserve` made room
+            return slots, self.live.shape[0]
         self._grow(int(slots.max()) + 1)
         return slots, int(self.count.max())
 
