@@ -220,8 +220,8 @@ def plot(lat: dict, path: Path) -> None:
     for mode, run in lat["modes"].items():
         pos, sec = run["positions"], [s * 1e3 for s in run["seconds"]]
         smooth = [statistics.median(sec[max(0, i - 25) : i + 25]) for i in range(len(sec))]
-        ax.plot(pos, sec, linewidth=0.4, alpha=0.3)
-        ax.plot(pos, smooth, linewidth=1.5, label=f"{mode} (median of 50)")
+        (line,) = ax.plot(pos, smooth, linewidth=1.5, label=f"{mode} (median of 50)", zorder=3)
+        ax.plot(pos, sec, linewidth=0.4, alpha=0.25, color=line.get_color())
         top = max(top, max(smooth))
     ax.axvline(600, color="#888", linestyle="--", linewidth=0.8)
     ax.set_xlabel("position (bytes)")
@@ -389,7 +389,10 @@ def plot_throughput(results: dict, path: Path) -> None:
     ]
     release = results.get("release_shape")
     if release:
-        bars += [(f"BLT-1B {r['dtype']}", r["text_bytes_per_s"]) for r in release["blt"]["runs"]]
+        for r in release["blt"]["runs"]:
+            bars.append((f"BLT-1B {r['dtype']} eager", r["text_bytes_per_s"]))
+            if r.get("text_bytes_per_s_compiled"):
+                bars.append((f"BLT-1B {r['dtype']} compiled", r["text_bytes_per_s_compiled"]))
         bars += [(f"{n} {r['dtype']}", r["text_bytes_per_s"]) for n, runs in release["llama"].items() for r in runs]
     right.barh([b[0] for b in bars][::-1], [b[1] for b in bars][::-1], color="#4c72b0")
     right.set(xscale="log", xlabel="text bytes/s (batch 1, greedy)")
