@@ -61,6 +61,15 @@ def test_greedy_speculation_is_plain_decoding_512_bytes(name, draft):
     check_greedy(name, draft, (2, 4, 8), 512)
 
 
+def test_speculation_on_a_compiled_engine_is_plain_decoding():
+    # speculation's passes run eagerly; a compiled engine's global cache only grows between steps (`reserve`),
+    # which its kept bytes' writes must respect too
+    model = make_model("entropy-global")
+    for k in (2, 8):
+        out = generate(model, [SHORT, LONG], 256, stop_at_eos=False, speculate=k, compile=True)
+        assert out == plain("entropy-global", n=256)
+
+
 @pytest.mark.parametrize("draft", ["self", "entropy"])
 def test_chunks_longer_than_the_window(draft):
     """k + 1 bytes per pass with a 4-byte local window: the ring buffers keep only the last 4 kept positions."""
