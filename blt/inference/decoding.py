@@ -211,7 +211,8 @@ class IncrementalBLT:
         h, patch_vectors, states = enc(ids, patch_of[:, :-1], num_patches, self_mask, cache=encoder_cache)
         n_closed = int(closed.max())
         global_cache.prefill(closed)
-        global_cache.reserve(n_closed + 1)
+        if global_cache.static:
+            global_cache.reserve(n_closed + 1)
         global_out = glb(patch_vectors[:, :n_closed], cache=global_cache)
         decoder_cache.prefill(lengths)
         dec_patch = (patch_of[:, 1:] - 1).clamp(max=n_closed - 1)  # padding positions may point past the closed patches
@@ -343,7 +344,8 @@ class IncrementalBLT:
                     f"the text reached the global transformer's context of {self.config.max_seqlen} patches "
                     "(max_seqlen)"
                 )
-            self.state.global_cache.reserve(int(self.state.n_patches.max()) + 1)  # (what a static cache reads)
+            if self.state.global_cache.static:  # the slots it may fill, which its attention reads
+                self.state.global_cache.reserve(int(self.state.n_patches.max()) + 1)
             self.close_part(closing & ~full)  # a finished row that is full closes no more patches
         return self.decoder_part(h)
 

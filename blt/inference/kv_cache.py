@@ -177,7 +177,7 @@ class GrowingCache(KVCache):
 
     `static`: a step reads no tensor and never grows the cache, so that a compiled step runs one graph however
     many patches there are. The caller says before a step how many slots it may fill (`reserve`), and attention
-    reads that many: their number is the length of `live` ([slots] bytes, a view), a tensor size that a compiled
+    reads that many: their number is the length of `live` (an empty [slots] tensor), a tensor size that a compiled
     graph takes as dynamic, where a Python int would be baked in."""
 
     def __init__(
@@ -207,7 +207,7 @@ class GrowingCache(KVCache):
         slots = max(2, slots)
         self._grow(slots)
         if len(self.live) != slots:
-            self.live = torch.empty(self.pos.shape[1], dtype=torch.uint8, device=self.pos.device)[:slots]
+            self.live = torch.empty(slots, dtype=torch.uint8, device=self.pos.device)
 
     def _resize(self, slots: int) -> None:
         """Pad every row to `slots` slots, the new ones empty."""
