@@ -129,7 +129,6 @@ def stack_times(
 
     ids = model.encode(text[: prompt_bytes + warmup + n_steps])
     engine = IncrementalBLT(model, compile=compile)
-    engine.merge_parts = False  # compiled, the byte and decoder parts as two graphs (from the warm-up on), timed apart
     engine.prefill([ids[: prompt_bytes + 1]])
     clock = StackClock(engine)
     if not clock.available:

@@ -118,14 +118,12 @@ class IncrementalBLT:
         self.hash_history = hash_embeddings.history if hash_embeddings is not None else 0
         self.state: DecodingState | None = None
         self.compile = compile
-        self.merge_parts = compile  # one graph for the byte and decoder parts (see `step`; off to time them apart)
         self.graphs = _GRAPHS.setdefault(model, {}) if compile else None
         self.signature: tuple = ()
-        self.byte_part, self.close_part, self.decoder_part, self.byte_and_decoder_part = (
+        self.byte_part, self.close_part, self.decoder_part = (
             partial(self._part, type(self)._byte_part),
             partial(self._part, type(self)._close_part),
             partial(self._part, type(self)._decoder_part),
-            partial(self._part, type(self)._byte_and_decoder_part),
         )
 
     def _part(self, fn, *args):
@@ -336,16 +334,9 @@ class IncrementalBLT:
         along but cannot fail.
 
         Three parts with static shapes (`byte_part`, `close_part`, `decoder_part`; compiled when the engine was made
-        with `compile=True`); the middle one, the per-patch work, runs only when some row closes a patch.
-        Compiled, a call costs more than a small part's arithmetic, so the first and the last part run as one
-        graph (`byte_and_decoder_part`); when a row closes a patch, the decoder part runs again after the
-        closing, over the same position (it rewrites the same cache slots)."""
+        with `compile=True`); the middle one, the per-patch work, runs only when some row closes a patch."""
         self._room_for_one_more()
-        next_ids = next_ids.to(self.rows.device)
-        if self.merge_parts:
-            logits, h, closing = self.byte_and_decoder_part(next_ids)
-        else:
-            (h, closing), logits = self.byte_part(next_ids), None
+        h, closing = self.byte_part(next_ids.to(self.rows.device))
         if bool(closing.any()):
             full = closing & (self.state.n_patches >= self.config.max_seqlen)
             if bool((full if active is None else full & active.to(full.device)).any()):
@@ -355,16 +346,8 @@ class IncrementalBLT:
                 )
             if self.state.global_cache.static:  # the slots it may fill, which its attention reads
                 self.state.global_cache.reserve(int(self.state.n_patches.max()) + 1)
-            if logits is not None:  # the decoder ran ahead of the closing: its step is taken again
-                self.state.positions = self.state.positions - 1
             self.close_part(closing & ~full)  # a finished row that is full closes no more patches
-            logits = None
-        return self.decoder_part(h) if logits is None else logits
-
-    def _byte_and_decoder_part(self, next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`_byte_part` then `_decoder_part`, as if no row closed a patch -> logits, encoder output, closing."""
-        h, closing = self._byte_part(next_ids)
-        return self._decoder_part(h), h, closing
+        return self.decoder_part(h)
 
     def _byte_part(self, next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Entropy model, patch rule and local encoder for one new id per row -> the encoder output [B, D]
