@@ -236,6 +236,8 @@ def plot(lat: dict, path: Path) -> None:
 
 # in the order they run: the slowest (transformers recomputing everything per byte) last
 SECTIONS = ("profile", "batched", "flop_matched", "release_shape", "latency", "compare")
+# BLT-1B's bandwidth floors in the release section's JSON, eager (each stack apart) and compiled
+FLOOR_KEYS = (("eager", "bandwidth_floor"), ("compiled", "bandwidth_floor_compiled"))
 ISSUE_ATEN_CALLS_PER_STEP = 3300  # layout1b before issue 10 (torch.profiler over 50 steps)
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -343,7 +345,7 @@ def targets(results: dict) -> list[dict]:
             )
             out.append(target(f"BLT-1B text bytes/s >= Llama-3.2-1B's ({dtype}, batch 1)", best / llama, best >= llama))
             pct = {}  # eager: each stack apart; compiled: the entropy model and the encoder are one graph
-            for mode, key in (("eager", "bandwidth_floor"), ("compiled", "bandwidth_floor_compiled")):
+            for mode, key in FLOOR_KEYS:
                 floors = run.get(key) or {}
                 parts = [k for k in ("entropy_model", "entropy_model+local_encoder", "local_decoder") if k in floors]
                 if parts:
@@ -510,7 +512,7 @@ def markdown(results: dict) -> str:
         ]
         rows = []
         for r in release["blt"]["runs"]:
-            for mode, key in (("eager", "bandwidth_floor"), ("compiled", "bandwidth_floor_compiled")):
+            for mode, key in FLOOR_KEYS:
                 floor = (r.get(key) or {}).get("whole_step_per_byte", {})
                 rate = r["text_bytes_per_s"] if mode == "eager" else r.get("text_bytes_per_s_compiled")
                 name = f"BLT-1B stepping through text, {mode}"
@@ -535,7 +537,7 @@ def markdown(results: dict) -> str:
         rows = [
             [r["dtype"], mode, part, f["weights_mb"], f["floor_ms"], f["measured_ms"], f["percent_of_floor"]]
             for r in release["blt"]["runs"]
-            for mode, key in (("eager", "bandwidth_floor"), ("compiled", "bandwidth_floor_compiled"))
+            for mode, key in FLOOR_KEYS
             for part, f in (r.get(key) or {}).items()
         ]
         header = ["dtype", "mode", "BLT-1B part", "weights read (MB)", "floor (ms)", "measured (ms)", "% of floor"]

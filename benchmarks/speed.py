@@ -77,8 +77,6 @@ class StackClock:
         if not self.available:
             return
         e, seconds = self.engine, self.seconds
-        if e.compile:
-            close, decode, step, byte = e.close_part, e.decoder_part, e.step, e.byte_part
         names = {id(e.enc_blocks): "local_encoder"}
         if getattr(e, "em_blocks", None) is not None:
             names[id(e.em_blocks)] = "entropy_model"
@@ -102,7 +100,7 @@ class StackClock:
             return clocked("step", step)(*args, **kwargs)
 
         if e.compile:
-            e.byte_part = clocked("entropy_model+local_encoder", byte)
+            e.byte_part = clocked("entropy_model+local_encoder", e.byte_part)
         else:
             e._run_blocks = blocks
         e.step = one_step

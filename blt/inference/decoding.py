@@ -120,16 +120,16 @@ class IncrementalBLT:
         self.compile = compile
         self.graphs = _GRAPHS.setdefault(model, {}) if compile else None
         self.signature: tuple = ()
-        self.byte_part, self.close_part, self.decoder_part = (
-            partial(self._part, type(self)._byte_part),
-            partial(self._part, type(self)._close_part),
-            partial(self._part, type(self)._decoder_part),
-        )
+        self.byte_part, self.close_part, self.decoder_part = self._byte_part, self._close_part, self._decoder_part
+        if compile:
+            self.byte_part, self.close_part, self.decoder_part = (
+                partial(self._compiled_part, type(self)._byte_part),
+                partial(self._compiled_part, type(self)._close_part),
+                partial(self._compiled_part, type(self)._decoder_part),
+            )
 
-    def _part(self, fn, *args):
-        """Run a step part, compiled (one graph per signature, traced on first use) or not."""
-        if not self.compile:
-            return fn(self, *args)
+    def _compiled_part(self, fn, *args):
+        """Run a step part's graph (one per signature, traced on first use)."""
         key = (fn.__qualname__, self.signature)
         graph = self.graphs.get(key)
         if graph is None:
