@@ -141,8 +141,10 @@ class IncrementalBLT:
         """The sizes that grow between steps, dynamic in a graph about to be traced: the open-patch buffers'
         capacity and the global cache's slots."""
         s = self.state
-        for t in [*s.open, s.global_cache.pos, *s.global_cache.k, *s.global_cache.v]:
+        for t in [*s.open, s.global_cache.pos]:
             torch._dynamo.mark_dynamic(t, 1)
+        for t in [*s.global_cache.k, *s.global_cache.v]:  # [B, Hkv, S, hd]
+            torch._dynamo.mark_dynamic(t, 2)
         torch._dynamo.mark_dynamic(s.global_cache.live, 0)
 
     def _device_dtype(self):

@@ -301,8 +301,7 @@ def block_step(b: FusedBlock, x: torch.Tensor, rotation: torch.Tensor, mask: tor
     qk, v = qkv[:, : (h_q + h_kv) * hd], qkv[:, (h_q + h_kv) * hd :]
     qk = rotate_step(qk.unflatten(-1, (h_q + h_kv, hd)), rotation)  # [B, H + Hkv, hd]
     q, k = qk[:, :h_q], qk[:, h_q:]
-    k, v = cache.update(k[:, None], v.unflatten(-1, (h_kv, hd))[:, None])  # [B, S, Hkv, hd]
-    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    k, v = cache.update(k[:, None], v.unflatten(-1, (h_kv, hd))[:, None])  # [B, Hkv, S, hd]
     if b.rep > 1:
         k, v = k.repeat_interleave(b.rep, dim=1), v.repeat_interleave(b.rep, dim=1)
     h = x + torch.mm(attend_step(q, k, v, mask), b.wo)
