@@ -407,7 +407,8 @@ class IncrementalBLT:
                 j = i if dec.cross_all_layers else 0
                 cross, (wq, wo) = dec.cross_attn[j], self.cross_weights[j]
                 query = torch.mm(rms(cross.q_norm, h), wq).unflatten(-1, (cross.attn.n_heads, -1))  # [B, H, hd]
-                h = h + (h + torch.mm(attend_step(query, *self.read_views[j]), wo))
+                k, v = s.read_kv[j]  # [B, 1, k, H, hd] -> [B, H, k, hd] as sdpa reads them
+                h = h + (h + torch.mm(attend_step(query, k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2)), wo))
             h = block_step(b, h, rotation, mask, s.decoder_cache.layer(i))
         s.positions = pos + 1
         return dec.output(dec.norm(h))
@@ -485,11 +486,10 @@ class IncrementalBLT:
         self._rows_changed()
 
     def _rows_changed(self) -> None:
-        """What the steps derive from the batch's rows: their indices, and the decoder's cross-attention keys/values
-        as sdpa reads them ([B, H, k, hd] views of `read_kv`); after a prefill and whenever rows join or leave."""
+        """What the steps derive from the batch's rows (their indices, the signature of the compiled graphs); after a
+        prefill and whenever rows join or leave."""
         s = self.state
         self.rows = torch.arange(len(s.positions), device=s.positions.device)
-        self.read_views = [(k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2)) for k, v in s.read_kv]
         settings = sorted((k, v) for k, v in vars(self.patcher).items() if isinstance(v, (bool, int, float, str)))
         # what a compiled part's graph may take as fixed (see `compiled`)
         self.signature = (type(self).__name__, len(s.positions), str(self.dtype), str(self.rows.device),

@@ -42,9 +42,9 @@ class StepWrite:
 
 
 class KVCache:
-    """What both kinds share: per-layer key/value buffers, head-major [B, Hkv, S, hd] (each head's slots contiguous:
-    a step reads 1,024 of them in half the time it takes over [B, S, Hkv, hd]), the position held by each slot (-1: empty),
-    and the pending write."""
+    """What both kinds share: per-layer key/value buffers, head-major [B, Hkv, S, hd] (each head's slots
+    contiguous: a step reads 1,024 of them in half the time it takes over [B, S, Hkv, hd]), the position held by
+    each slot (-1: empty), and the pending write."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int, device, dtype):
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
