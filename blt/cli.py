@@ -679,13 +679,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="train and sample a small BLT on the standard library's docs (no download)",
+        help="train and sample a small BLT on the standard library's docs and Shakespeare (no download)",
         description=(
-            "The main job on an embedded corpus: Python's own help topics. Trains an entropy model and a "
-            "small BLT on CPU, "
+            "The main job on an embedded corpus: the standard library's help topics, docstrings and comments, "
+            "and Shakespeare's plays (shipped in the package). Trains an entropy model and a small BLT on CPU, "
             "prints validation bits per byte next to a unigram byte model, the mean patch size and a sample, "
-            "and writes the "
-            "models, patches.html, patches.png and loss.png to --out."
+            "and writes the models, patches.html, patches.png and loss.png to --out."
         ),
     )
     p.add_argument(
@@ -694,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output directory (default runs/demo); an earlier demo run there is replaced, any other folder refused",
     )
     p.add_argument("--entropy-steps", type=positive_int, default=300)
-    p.add_argument("--blt-steps", type=positive_int, default=300)
+    p.add_argument("--blt-steps", type=positive_int, default=400)
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import blt
-from blt.experiments.corpus import stdlib_corpus, stdlib_dir
+from blt.experiments.corpus import shakespeare_corpus, stdlib_corpus, stdlib_dir
 from blt.experiments.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +20,16 @@ def test_corpus_comes_from_the_standard_library():
     assert len({text for _, text in docs}) == len(docs)  # no document twice
     if (stdlib_dir() / "pydoc_data" / "topics.py").is_file():
         assert any('The "if" statement is used for conditional execution' in t for _, t in docs)
+
+
+def test_plays_come_from_the_package():
+    """tiny Shakespeare is read from the installed package (no ../shared, no download), whole and in order."""
+    docs = shakespeare_corpus()
+    text = "\n\n".join(t for _, t in docs)
+    assert len(docs) >= 60 and all(len(t) < 20_000 for _, t in docs)
+    assert text.startswith("First Citizen:\nBefore we proceed any further, hear me speak.")
+    assert 1_100_000 < len(text) < 1_120_000 and "ROMEO:" in text
+    assert docs == shakespeare_corpus()
 
 
 def test_corpus_imports_nothing_even_without_pydoc_data(tmp_path):

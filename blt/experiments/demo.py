@@ -1,7 +1,8 @@
 """`blt demo`: the whole job on a corpus every Python installation carries.
 
-The corpus (`blt.experiments.corpus`) is English prose read as files from the standard library: pydoc's help
-topics and the docstrings and comments of the library's own modules, never imported. The demo trains a small
+The corpus (`blt.experiments.corpus`) is English prose read as files from the standard library (pydoc's help
+topics and the docstrings and comments of the library's own modules, never imported) and Shakespeare's plays
+(tiny Shakespeare, shipped in the package). The demo trains a small
 entropy model, calibrates the entropy threshold to 4.5-byte patches, trains a small BLT on the same text, and
 reports validation bits per byte next to a unigram byte model's, the mean patch size, and samples. Everything
 lands in `runs/demo/`, and every step is one of the `blt` commands, so the run can be repeated piece by piece.
@@ -13,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from blt.experiments.corpus import stdlib_corpus
+from blt.experiments.corpus import shakespeare_corpus, stdlib_corpus
 from blt.experiments.visualize import loss_curves_png, patch_html, patch_png, patch_view
 from blt.rundir import claim, is_ours
 from blt.training.data import build_stream, read_documents, split_documents
@@ -22,12 +23,15 @@ from blt.training.recipes import train_blt, train_entropy
 from blt.weights import load_blt
 
 SAMPLE_PROMPT = "The if statement is used for"
-CORPUS_BYTES = None  # all of it (about 2 MB): more varied text generalizes better
+CORPUS_BYTES = None  # all of the standard library's text (about 2 MB): more varied text generalizes better
 
 
-def write_corpus(directory: Path, max_bytes: int | None = CORPUS_BYTES) -> Path:
+def write_corpus(directory: Path, max_bytes: int | None = CORPUS_BYTES, plays: bool = True) -> Path:
+    """The standard library's prose (up to `max_bytes`; None: all) and, with `plays`, tiny Shakespeare, a file per
+    document in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    for i, (name, text) in enumerate(stdlib_corpus(max_bytes=max_bytes)):
+    docs = stdlib_corpus(max_bytes=max_bytes) + (shakespeare_corpus() if plays else [])
+    for i, (name, text) in enumerate(docs):
         (directory / f"{i:04d}-{name}.txt").write_text(text, encoding="utf-8")
     return directory
 
@@ -35,7 +39,7 @@ def write_corpus(directory: Path, max_bytes: int | None = CORPUS_BYTES) -> Path:
 def run_demo(
     out: str | Path = "runs/demo",
     entropy_steps: int = 300,
-    blt_steps: int = 300,
+    blt_steps: int = 400,
     quiet: bool = False,
     corpus_bytes: int | None = CORPUS_BYTES,
 ) -> dict:
@@ -49,7 +53,7 @@ def run_demo(
     docs = read_documents([corpus])
     train_docs, val_docs = split_documents(docs)
     say(
-        "corpus: the standard library's help topics, docstrings and comments, "
+        "corpus: the standard library's help topics, docstrings and comments, and Shakespeare's plays, "
         f"{sum(len(d.data) for d in docs) / 1e3:.0f} KB in {len(docs)} sections "
         f"({len(val_docs)} held out for validation)"
     )
