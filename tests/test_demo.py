@@ -6,9 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import blt
 from blt.experiments.corpus import shakespeare_corpus, stdlib_corpus, stdlib_dir
 from blt.experiments.demo import run_demo
+from blt.training.data import Document, build_stream, stream_entropies
+from blt.training.evaluate import evaluate_stream
+from blt.training.recipes import xz_bpb
+from blt.weights import load_blt
+from tests.helpers import shared_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,3 +90,26 @@ def test_demo_writes_everything(tmp_path):
     assert html.count('class="p"') > 5 and "entropy" in html
     summary = json.loads((out / "blt" / "summary.json").read_text())
     assert summary["bpb"] == result["bpb"]
+
+
+@pytest.mark.slow
+def test_demo_generalizes_to_english_it_never_saw(tmp_path):
+    """The full demo (about 4 minutes), scored on English from other sources (the web text and the two English
+    Genesis versions of ../shared, 16 KB of each in 2 KB pieces): 0.1 bpb below its own entropy model on average,
+    and below xz -9 on every text. (Issue 11 also asks for 16 KB pieces, where xz profits from repetition across
+    the piece: the demo beats it there on 3 of 8 texts, see benchmarks/generalization.py.)"""
+    files = sorted(shared_path("webtext").glob("*.txt")) + [
+        shared_path(f"genesis/english-{v}.txt") for v in ("kjv", "web")
+    ]
+    run_demo(tmp_path / "demo", quiet=True)
+    model = load_blt(tmp_path / "demo" / "blt")
+    scores = []
+    for path in files:
+        data = path.read_bytes()[:16384]
+        stream = build_stream([Document(str(i), data[i : i + 2048]) for i in range(0, len(data), 2048)])
+        blt_bpb = evaluate_stream(model, stream, 512, entropies=stream_entropies(model.entropy_model, stream))["bpb"]
+        entropy_bpb = evaluate_stream(model.entropy_model, stream, 512)["bpb"]
+        xz = sum(xz_bpb(data[i : i + 2048]) for i in range(0, len(data), 2048)) / len(range(0, len(data), 2048))
+        assert blt_bpb < xz, (path.name, blt_bpb, xz)
+        scores.append((blt_bpb, entropy_bpb))
+    assert sum(b for b, _ in scores) / len(scores) < sum(e for _, e in scores) / len(scores) - 0.1, scores
