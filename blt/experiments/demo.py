@@ -1,4 +1,4 @@
-"""`blt demo`: the whole job on a corpus every Python installation carries.
+"""`blt demo`: the whole job on a corpus that needs no download.
 
 The corpus (`blt.experiments.corpus`) is English prose read as files from the standard library (pydoc's help
 topics and the docstrings and comments of the library's own modules, never imported) and Shakespeare's plays
@@ -26,11 +26,11 @@ SAMPLE_PROMPT = "The if statement is used for"
 CORPUS_BYTES = None  # all of the standard library's text (about 2 MB): more varied text generalizes better
 
 
-def write_corpus(directory: Path, max_bytes: int | None = CORPUS_BYTES, plays: bool = True) -> Path:
-    """The standard library's prose (up to `max_bytes`; None: all) and, with `plays`, tiny Shakespeare, a file per
-    document in `directory`."""
+def write_corpus(directory: Path, max_bytes: int | None = CORPUS_BYTES) -> Path:
+    """The standard library's prose (up to `max_bytes`; None: all) and tiny Shakespeare, a file per document in
+    `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    docs = stdlib_corpus(max_bytes=max_bytes) + (shakespeare_corpus() if plays else [])
+    docs = stdlib_corpus(max_bytes=max_bytes) + shakespeare_corpus()
     for i, (name, text) in enumerate(docs):
         (directory / f"{i:04d}-{name}.txt").write_text(text, encoding="utf-8")
     return directory
