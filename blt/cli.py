@@ -727,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="run the decoding steps under torch.compile (same output; compiling takes seconds to a minute first)",
+        help="run compiled decoding steps (same output; the first run compiles for up to a minute, later runs load it)",
     )
     p.add_argument(
         "--speculate",

@@ -1,6 +1,7 @@
-"""`compile=True`: the decoding steps under torch.compile give what eager decoding gives, in one graph per
-step part at every position (no recompilation as positions, patches and prompts change), and fall back to
-eager decoding with a warning where torch.compile cannot work."""
+"""`compile=True`: compiled decoding steps give what eager decoding gives, with one compiled program per step part
+at every position (nothing is compiled again as positions, patches and prompts change). On a CPU the parts are
+compiled ahead of time (`blt.inference.aot`); should that fail they run under torch.compile (the path a GPU
+takes), and where neither can work decoding is eager, with a warning."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import blt
-from blt.inference import generate_recompute
+from blt.inference import aot, decoding, generate_recompute
 from tests.helpers import LONG, PATCHERS, SHORT, generation_model
 
 
@@ -20,20 +21,53 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_compiled_generation_is_exact_and_never_recompiles():
+def parts_built() -> int:
+    return aot.STATS["compiled"] + aot.STATS["loaded"]
+
+
+def test_compiled_generation_is_exact_and_never_compiles_again():
     model = generation_model("entropy-global")
     eager = [model.generate([p], 300, stop_at_eos=False)[0] for p in (SHORT, LONG)]
-    # the first call traces each part once; the rest runs those graphs throughout: positions past the 16-byte
-    # window, ~75 patches (the global cache and the open-patch buffers grow), new engines, prompts of another length
+    # the first call compiles each part once (or loads it from the disk cache); the rest runs those programs
+    # throughout: positions past the 16-byte window, ~75 patches (the global cache and the open-patch buffers
+    # grow), new engines, prompts of another length
+    before = parts_built()
     first = model.generate([SHORT], 32, stop_at_eos=False, compile=True)[0]
+    assert parts_built() - before == 3  # byte part, patch closing, decoder
+    compiled = [model.generate([p], 300, stop_at_eos=False, compile=True)[0] for p in (SHORT, LONG)]
+    assert parts_built() - before == 3
+    assert counters["stats"]["unique_graphs"] == 0  # no torch.compile graph on the way
+    assert first == eager[0][:32]
+    assert compiled == eager
+    assert compiled[0][:100] == generate_recompute(model, [SHORT], 100, stop_at_eos=False)[0]
+
+
+def test_a_new_model_of_the_same_shape_loads_the_compiled_parts_from_disk():
+    a, b = generation_model("entropy-global", seed=0), generation_model("entropy-global", seed=1)
+    a.generate([SHORT], 8, stop_at_eos=False, compile=True)  # compiled, or already on disk from an earlier run
+    compiled, loaded = aot.STATS["compiled"], aot.STATS["loaded"]
+    out = b.generate([SHORT], 96, stop_at_eos=False, compile=True)  # other weights: inputs of the same program
+    assert (aot.STATS["compiled"], aot.STATS["loaded"]) == (compiled, loaded + 3)
+    assert out == b.generate([SHORT], 96, stop_at_eos=False)
+
+
+def test_under_torch_compile_one_graph_per_part_and_no_recompilation(monkeypatch):
+    # the path a GPU takes (and a CPU where compiling ahead of time fails): dynamo graphs without guards
+    def refuse(*args):
+        raise RuntimeError("no AOTInductor here")
+
+    monkeypatch.setattr(decoding, "CompiledPart", refuse)
+    model = generation_model("entropy-global")
+    eager = [model.generate([p], 300, stop_at_eos=False)[0] for p in (SHORT, LONG)]
+    with pytest.warns(UserWarning, match="ahead of time failed .no AOTInductor here.; using torch.compile"):
+        first = model.generate([SHORT], 32, stop_at_eos=False, compile=True)[0]
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 3  # byte part, patch closing, decoder
+    assert graphs == 3
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = [model.generate([p], 300, stop_at_eos=False, compile=True)[0] for p in (SHORT, LONG)]
     assert counters["stats"]["unique_graphs"] == graphs
     assert first == eager[0][:32]
     assert compiled == eager
-    assert compiled[0][:100] == generate_recompute(model, [SHORT], 100, stop_at_eos=False)[0]
 
 
 def test_compiled_batch_rows_get_what_they_get_alone():

@@ -2,6 +2,7 @@
 
 kv_cache    windowed (ring buffer) and growing key/value caches with a typed pending write
 decoding    the decoding state and the engine: prefill, one byte per row per step
+aot         step parts compiled ahead of time (torch.export + AOTInductor), the engine's compiled path on a CPU
 sampling    argument checks, greedy / top-k / top-p sampling, stop strings
 generate    generate, stream, score (and next_logits, batched); GenerationMixin (model.generate / model.stream)
 batching    continuous batching: a thread decoding every running request as one batch, rows joining and leaving

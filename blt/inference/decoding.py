@@ -30,6 +30,7 @@ import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 
 from blt.errors import BltError
+from blt.inference.aot import CompiledPart
 from blt.inference.kv_cache import GrowingCache, KVCache, stack_cache
 from blt.model.blt import BLT, check_ids
 from blt.model.entropy_model import entropy
@@ -61,7 +62,8 @@ class DecodingState:
 
 def compiled(fn, device_type: str):
     """`fn` (a function of the engine and tensors) under `torch.compile`, as a copy of its own: a step part's graph
-    is traced once per engine signature (`IncrementalBLT.signature`) and then runs without guards.
+    is traced once per engine signature (`IncrementalBLT.signature`) and then runs without guards. This is the path
+    of a GPU, and of a CPU where compiling ahead of time (`blt.inference.aot`, less overhead per call) fails.
 
     Checking dynamo's guards costs more than a small step's arithmetic on a CPU (30-60 us a call), so they are
     dropped (`skip_all_guards_unsafe`). That is safe only because nothing a graph assumed can change under it:
@@ -108,6 +110,10 @@ _GRAPHS: weakref.WeakKeyDictionary[BLT, dict] = weakref.WeakKeyDictionary()
 class IncrementalBLT:
     """Prefill and one-byte steps of a batch of rows for one BLT; `state` is set by `prefill`."""
 
+    # the engine's own tensors a step part reads besides the model's weights and the state: inference copies made
+    # by `_prepare_step` and the row indices (a compiled part takes them as inputs, see `blt.inference.aot`)
+    STEP_CONSTANTS = ("rows", "hash_powers", "cross_weights", "enc_blocks", "dec_blocks", "glb_blocks", "em_blocks")
+
     def __init__(self, model: BLT, compile: bool = False):
         if model.patcher is None:
             raise BltError("generation needs the model's patcher (an entropy model for entropy patching)")
@@ -120,6 +126,7 @@ class IncrementalBLT:
         self.compile = compile
         self.graphs = _GRAPHS.setdefault(model, {}) if compile else None
         self.signature: tuple = ()
+        self.compiled_inputs: dict = {}  # per compiled part: the weights and constants it takes (see `aot`)
         self.byte_part, self.close_part, self.decoder_part = self._byte_part, self._close_part, self._decoder_part
         if compile:
             self.byte_part, self.close_part, self.decoder_part = (
@@ -129,23 +136,37 @@ class IncrementalBLT:
             )
 
     def _compiled_part(self, fn, *args):
-        """Run a step part's graph (one per signature, traced on first use)."""
+        """Run a step part's compiled code (one per signature, compiled on first use)."""
         key = (fn.__qualname__, self.signature)
         graph = self.graphs.get(key)
         if graph is None:
-            self._mark_dynamic()
-            graph = self.graphs[key] = compiled(fn, self.rows.device.type)
+            graph = self.graphs[key] = self._compile(fn, args)
         return graph(self, *args)
 
-    def _mark_dynamic(self) -> None:
-        """The sizes that grow between steps, dynamic in a graph about to be traced: the open-patch buffers'
-        capacity and the global cache's slots."""
+    def _compile(self, fn, args):
+        """A step part compiled for this signature: ahead of time on a CPU (`blt.inference.aot`, the least
+        overhead per call), else (or should that fail) under `torch.compile` (`compiled`)."""
+        device_type = self.rows.device.type
+        if device_type == "cpu" and torch._dynamo.is_dynamo_supported():
+            try:
+                return CompiledPart(self, fn, args)
+            except Exception as e:  # export or AOTInductor could not: torch.compile runs the same part
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                warnings.warn(f"compiling {fn.__name__} ahead of time failed ({why}); using torch.compile")
+        for t, dim in self.growing_sizes():
+            torch._dynamo.mark_dynamic(t, dim)
+        return compiled(fn, device_type)
+
+    def growing_sizes(self) -> list[tuple[torch.Tensor, int]]:
+        """The sizes that grow between steps, dynamic in a compiled part: the open-patch buffers' capacity and the
+        global cache's slots, as (tensor, dimension)."""
         s = self.state
-        for t in [*s.open, s.global_cache.pos]:
-            torch._dynamo.mark_dynamic(t, 1)
-        for t in [*s.global_cache.k, *s.global_cache.v]:  # [B, Hkv, S, hd]
-            torch._dynamo.mark_dynamic(t, 2)
-        torch._dynamo.mark_dynamic(s.global_cache.live, 0)
+        g = s.global_cache
+        return [
+            *[(t, 1) for t in [*s.open, g.pos]],
+            *[(t, 2) for t in [*g.k, *g.v]],  # [B, Hkv, S, hd]
+            (g.live, 0),
+        ]
 
     def _device_dtype(self):
         p = self.model.local_encoder.tok_embeddings.weight
@@ -490,6 +511,7 @@ class IncrementalBLT:
         prefill and whenever rows join or leave."""
         s = self.state
         self.rows = torch.arange(len(s.positions), device=s.positions.device)
+        self.compiled_inputs = {}
         settings = sorted((k, v) for k, v in vars(self.patcher).items() if isinstance(v, (bool, int, float, str)))
         # what a compiled part's graph may take as fixed (see `compiled`)
         self.signature = (type(self).__name__, len(s.positions), str(self.dtype), str(self.rows.device),

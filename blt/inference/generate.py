@@ -45,8 +45,9 @@ def stream(
     the default; "entropy": the entropy model) and keeps what the full model would produce, verified in one
     pass: the same bytes as plain decoding when greedy, the same distribution when sampling. A step then adds
     up to k+1 ids per row (with `return_logits`, their logits [m, V]); `stats` (a `SpeculationStats`) is
-    filled with the acceptance counts. `compile` runs the steps under `torch.compile` (see `IncrementalBLT`): the
-    first step of a batch size compiles, the rest run one graph each."""
+    filled with the acceptance counts. `compile` runs compiled steps (see `IncrementalBLT._compile`): ahead of time
+    on a CPU, under torch.compile on a GPU; the first step of a batch size compiles (or loads what an earlier run
+    compiled), the rest run the same code."""
     raw = check_generation_args(prompts, max_new_bytes, temperature, top_k, top_p)
     check_speculation(speculate, draft, model)
     if not isinstance(compile, bool):
@@ -206,8 +207,8 @@ class GenerationMixin:
         `speculate=k` drafts k bytes at a time (`draft`: "self", the local models past the patch boundary, the
         default; or "entropy", the entropy model) and verifies them in one pass of the whole model: the same
         bytes when greedy, the same distribution when sampling; pass a `SpeculationStats` as `stats` to get the
-        acceptance rate and bytes per full-model pass. `compile` runs the decoding
-        steps under `torch.compile` (same output; the first call of a batch size compiles).
+        acceptance rate and bytes per full-model pass. `compile` runs compiled decoding
+        steps (same output; the first call of a batch size compiles, or loads what an earlier run compiled).
         """
         return generate(
             self,

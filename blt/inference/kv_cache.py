@@ -46,6 +46,8 @@ class KVCache:
     contiguous: a step reads 1,024 of them in half the time it takes over [B, S, Hkv, hd]), the position held by
     each slot (-1: empty), and the pending write."""
 
+    transient = ("pending",)  # set and consumed within one step part: not part of the state a compiled part takes
+
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int, device, dtype):
         self.pos = torch.full((batch, capacity), -1, dtype=torch.long, device=device)
         self.k = [
