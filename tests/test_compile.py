@@ -51,6 +51,19 @@ def test_a_new_model_of_the_same_shape_loads_the_compiled_parts_from_disk():
     assert out == b.generate([SHORT], 96, stop_at_eos=False)
 
 
+def test_compiled_parts_take_the_weights_as_they_are_now():
+    # the weights are inputs of the compiled code, not copies inside it: a model changed after compiling
+    # (trained further, say) generates with its new weights
+    model = generation_model("entropy-global")
+    model.generate([SHORT], 16, stop_at_eos=False, compile=True)
+    with torch.no_grad():
+        model.local_decoder.output.weight.mul_(-1.0)
+        model.global_transformer.layers[0].ffn.w2.weight.mul_(0.5)
+    assert model.generate([SHORT], 96, stop_at_eos=False, compile=True) == model.generate(
+        [SHORT], 96, stop_at_eos=False
+    )
+
+
 def test_under_torch_compile_one_graph_per_part_and_no_recompilation(monkeypatch):
     # the path a GPU takes (and a CPU where compiling ahead of time fails): dynamo graphs without guards
     def refuse(*args):
