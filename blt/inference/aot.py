@@ -27,6 +27,7 @@ import copy
 import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -242,7 +243,9 @@ def _load_or_compile(ep, device_type: str):
     fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=folder)
     os.close(fd)
     try:
-        torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
+        with warnings.catch_warnings():  # torch's own deprecation notice, from pickling the program's tree specs
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
         os.replace(tmp, path)  # whole or not at all, for another process reading the cache
     finally:
         if os.path.exists(tmp):
