@@ -64,6 +64,18 @@ def test_compiled_parts_take_the_weights_as_they_are_now():
     )
 
 
+def test_a_module_replaced_after_compiling_is_compiled_anew():
+    model = generation_model("entropy-global")
+    model.generate([SHORT], 16, stop_at_eos=False, compile=True)
+    torch.manual_seed(5)
+    model.local_decoder.output = torch.nn.Linear(*reversed(model.local_decoder.output.weight.shape), bias=False)
+    before = parts_built()
+    assert model.generate([SHORT], 64, stop_at_eos=False, compile=True) == model.generate(
+        [SHORT], 64, stop_at_eos=False
+    )
+    assert parts_built() - before == 3
+
+
 def test_under_torch_compile_one_graph_per_part_and_no_recompilation(monkeypatch):
     # the path a GPU takes (and a CPU where compiling ahead of time fails): dynamo graphs without guards
     def refuse(*args):
@@ -84,8 +96,9 @@ def test_under_torch_compile_one_graph_per_part_and_no_recompilation(monkeypatch
 
 
 def test_compiled_batch_rows_get_what_they_get_alone():
-    model = generation_model("space-max-length")
-    prompts = [LONG, "", SHORT]
+    # the model and batch size of the batch check in `test_graphs_run_without_guards_...`: one compiled set for both
+    model = generation_model("entropy-global")
+    prompts = [LONG, ""]
     together = model.generate(prompts, 200, temperature=0.8, top_k=50, seed=7, compile=True)
     alone = [model.generate([p], 200, temperature=0.8, top_k=50, seed=7)[0] for p in prompts]
     assert together == alone
@@ -121,7 +134,7 @@ def test_graphs_run_without_guards_yet_never_mix_models_settings_or_batch_sizes(
     assert eager["a"] != eager["b"]
     for name, m in (("a", a), ("b", b), ("a", a)):
         assert m.generate([SHORT], 96, stop_at_eos=False, compile=True) == eager[name]
-    a.patcher.threshold += 0.5  # a setting the graph takes as fixed: a new signature, a new trace
-    assert a.generate([SHORT], 96, stop_at_eos=False, compile=True) == a.generate([SHORT], 96, stop_at_eos=False)
     pair = [SHORT, LONG]  # another batch size
     assert a.generate(pair, 96, stop_at_eos=False, compile=True) == a.generate(pair, 96, stop_at_eos=False)
+    a.patcher.threshold += 0.5  # a setting the graph takes as fixed: a new signature, a new trace
+    assert a.generate([SHORT], 96, stop_at_eos=False, compile=True) == a.generate([SHORT], 96, stop_at_eos=False)

@@ -199,6 +199,8 @@ def test_ctrl_c_while_streaming_exits_cleanly(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
+        # Ctrl-C as a terminal's child gets it: SIGINT at its default, whatever this process set it to
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     os.set_blocking(proc.stdout.fileno(), False)
     received, deadline = b"", time.time() + 60

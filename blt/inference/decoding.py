@@ -67,10 +67,10 @@ def compiled(fn, device_type: str):
 
     Checking dynamo's guards costs more than a small step's arithmetic on a CPU (30-60 us a call), so they are
     dropped (`skip_all_guards_unsafe`). That is safe only because nothing a graph assumed can change under it:
-    each copy of `fn` (a fresh code object, so a cache of its own) serves one model and one signature (batch size,
-    dtype, device, the patcher's settings); the sizes that do change between steps (the open-patch buffers and
-    the global cache, which grow) are marked dynamic before the trace; everything else has fixed shapes. On a
-    CPU the graph's wrapper is C++ (`cpp_wrapper`); on a GPU, CUDA graphs replay it ("reduce-overhead").
+    each copy of `fn` (a fresh code object, so a cache of its own) serves one model and one signature (its modules,
+    batch size, dtype, device, the patcher's settings); the sizes that do change between steps (the open-patch
+    buffers and the global cache, which grow) are marked dynamic before the trace; everything else has fixed
+    shapes. On a CPU the graph's wrapper is C++ (`cpp_wrapper`); on a GPU, CUDA graphs replay it ("reduce-overhead").
 
     Where torch.compile cannot work (a Python version dynamo does not support, or no C++ compiler for
     inductor), `fn` runs eagerly, with a warning: the output is the same, only slower."""
@@ -513,9 +513,11 @@ class IncrementalBLT:
         self.rows = torch.arange(len(s.positions), device=s.positions.device)
         self.compiled_inputs = {}
         settings = sorted((k, v) for k, v in vars(self.patcher).items() if isinstance(v, (bool, int, float, str)))
+        # the modules themselves: one replaced on the model (an ablation, say) is other code and other weights
+        modules = tuple(id(m) for root in [self.model, *self.patcher.modules()] for m in root.modules())
         # what a compiled part's graph may take as fixed (see `compiled`)
         self.signature = (type(self).__name__, len(s.positions), str(self.dtype), str(self.rows.device),
-                          repr(self.config), type(self.patcher).__name__, tuple(settings))  # fmt: skip
+                          repr(self.config), type(self.patcher).__name__, tuple(settings), modules)  # fmt: skip
 
 
 class _PrefillOnly(IncrementalBLT):
