@@ -118,6 +118,7 @@ class CompiledPart:
             p for name in engine.STEP_CONSTANTS for p, _ in leaves(getattr(engine, name), (("attr", name),))
         ]
         self.state_paths = [p for p, _ in leaves(engine.state)]
+        self.read_constants = _reader(self.constant_paths)
         self.rebound: list[LeafPath] = []  # set by the trace (`_traced`)
         self.n_results, self.result_kind = 0, "none"
 
@@ -142,9 +143,12 @@ class CompiledPart:
         self.arg_index = [i - n_fixed - n_state for i in keep if i >= n_fixed + n_state]
         self.write_state = _writer(self.rebound)
 
+    def _fixed_inputs(self, engine) -> list[torch.Tensor]:
+        """The weights and the engine's inference copies: the same at every step of an engine."""
+        return [*(table[name] for table, name in self.slots), *self.read_constants(engine)]
+
     def _all_inputs(self, engine, args) -> list[torch.Tensor]:
-        weights = [table[name] for table, name in self.slots]
-        return [*weights, *_reader(self.constant_paths)(engine), *_reader(self.state_paths)(engine.state), *args]
+        return [*self._fixed_inputs(engine), *_reader(self.state_paths)(engine.state), *args]
 
     def _export(self, engine, flat, dynamic, keep):
         """`torch.export` of the part as a function of the inputs `keep` names (of `flat`, in order)."""
@@ -184,16 +188,17 @@ class CompiledPart:
                 setattr(engine, name, x)
         if [p for p, _ in after] != self.state_paths:
             raise RuntimeError("a step part changed the structure of the decoding state")
-        self.rebound = [p for (p, t), t_in in zip(after, state_in) if t is not t_in]
+        rebound = [(p, t) for (p, t), t_in in zip(after, state_in) if t is not t_in]
+        self.rebound = [p for p, _ in rebound]
         results = result if isinstance(result, tuple) else (() if result is None else (result,))
         self.n_results = len(results)
         self.result_kind = "tuple" if isinstance(result, tuple) else ("none" if result is None else "one")
-        return (*results, *[t for (p, t), t_in in zip(after, state_in) if t is not t_in])
+        return (*results, *[t for _, t in rebound])
 
     def __call__(self, engine, *args):
         fixed = engine.compiled_inputs.get(self)
-        if fixed is None:  # the weights and the engine's inference copies, once per engine
-            every = [table[name] for table, name in self.slots] + _reader(self.constant_paths)(engine)
+        if fixed is None:  # gathered once per engine
+            every = self._fixed_inputs(engine)
             fixed = engine.compiled_inputs[self] = [every[i] for i in self.fixed_index]
         outs = self.loader.run([*fixed, *self.read_state(engine.state), *[args[i] for i in self.arg_index]])
         n = self.n_results
