@@ -121,6 +121,15 @@ def test_without_torch_compile_decoding_is_eager_with_a_warning(monkeypatch):
     assert out == model.generate([SHORT], 64, stop_at_eos=False)
 
 
+def test_an_unusable_compile_cache_folder_means_eager_decoding_with_a_warning(monkeypatch, tmp_path):
+    model = generation_model("static")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    with pytest.warns(UserWarning, match="compile cache folder cannot be used .*Not a directory.*; decoding eagerly"):
+        out = model.generate([SHORT], 64, stop_at_eos=False, compile=True)
+    assert out == model.generate([SHORT], 64, stop_at_eos=False)
+
+
 @pytest.mark.parametrize("value", ["yes", 1, None])
 def test_compile_must_be_a_bool(value):
     with pytest.raises(blt.BltError, match="compile must be True or False"):

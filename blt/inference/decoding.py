@@ -28,6 +28,7 @@ import torch
 import torch._dynamo
 import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
+from torch._inductor.runtime.cache_dir_utils import cache_dir
 
 from blt.errors import BltError
 from blt.inference.aot import CompiledPart
@@ -147,6 +148,11 @@ class IncrementalBLT:
         """A step part compiled for this signature: ahead of time on a CPU (`blt.inference.aot`, the least
         overhead per call), else (or should that fail) under `torch.compile` (`compiled`)."""
         device_type = self.rows.device.type
+        try:
+            cache_dir()  # both paths keep what they compile there (TORCHINDUCTOR_CACHE_DIR)
+        except OSError as e:
+            warnings.warn(f"torch's compile cache folder cannot be used ({e}); decoding eagerly")
+            return fn
         if device_type == "cpu" and torch._dynamo.is_dynamo_supported():
             try:
                 return CompiledPart(self, fn, args)
