@@ -104,7 +104,7 @@ def compiled(fn, device_type: str):
     return run
 
 
-# the compiled step parts of each model, by part and engine signature (they outlive an engine: a model compiles once)
+# the compiled step parts of each model, by engine signature and part (they outlive an engine: a model compiles once)
 _GRAPHS: weakref.WeakKeyDictionary[BLT, dict] = weakref.WeakKeyDictionary()
 
 
@@ -127,6 +127,7 @@ class IncrementalBLT:
         self.compile = compile
         self.graphs = _GRAPHS.setdefault(model, {}) if compile else None
         self.signature: tuple = ()
+        self.signature_graphs: dict = {}  # this signature's compiled parts, by part (found once per signature)
         self.compiled_inputs: dict = {}  # per compiled part: the weights and constants it takes (see `aot`)
         self.byte_part, self.close_part, self.decoder_part = self._byte_part, self._close_part, self._decoder_part
         if compile:
@@ -138,10 +139,9 @@ class IncrementalBLT:
 
     def _compiled_part(self, fn, *args):
         """Run a step part's compiled code (one per signature, compiled on first use)."""
-        key = (fn.__qualname__, self.signature)
-        graph = self.graphs.get(key)
+        graph = self.signature_graphs.get(fn.__qualname__)
         if graph is None:
-            graph = self.graphs[key] = self._compile(fn, args)
+            graph = self.signature_graphs[fn.__qualname__] = self._compile(fn, args)
         return graph(self, *args)
 
     def _compile(self, fn, args):
@@ -524,6 +524,8 @@ class IncrementalBLT:
         # what a compiled part's graph may take as fixed (see `compiled`)
         self.signature = (type(self).__name__, len(s.positions), str(self.dtype), str(self.rows.device),
                           repr(self.config), type(self.patcher).__name__, tuple(settings), modules)  # fmt: skip
+        if self.graphs is not None:  # looked up here, not at every step: the signature is long to hash
+            self.signature_graphs = self.graphs.setdefault(self.signature, {})
 
 
 class _PrefillOnly(IncrementalBLT):
