@@ -321,6 +321,7 @@ def _eval(args) -> None:
         cache_dir=args.cache_dir,
         text_field=args.text_field or "text",
         max_bytes=args.max_bytes,
+        context=args.context,
     )
     if args.json:
         print(json.dumps(r))
@@ -632,6 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seq-len", type=positive_int, help="bytes per scored window (default: the training sequence length)"
+    )
+    p.add_argument(
+        "--context",
+        type=non_negative_int,
+        default=0,
+        help="bytes of context before each scored window: overlapping windows, so that every byte is predicted "
+        "from at least this many (default 0: non-overlapping windows; half the window is a common choice)",
     )
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", type=device)

@@ -153,3 +153,19 @@ def test_eval_json_reports_xz(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(text)]) == 0
     out = capsys.readouterr().out
     assert "xz -9 bits per byte" in out and ("LOSES to xz" in out) == (report["bpb"] > report["xz_bpb"])
+
+
+def test_eval_context_scores_every_byte_once_with_overlapping_windows(tmp_path, capsys):
+    """`--context` (strided windows) scores the same bytes as plain windows; with the tiny entropy model's
+    reach (30 bytes) covered, the bpb is that of one window over the whole text."""
+    random_entropy_model().save_pretrained(tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_bytes(TEXT.encode() * 2)
+    reports = []
+    for args in (["--seq-len", "64", "--context", "32"], ["--seq-len", "512"], ["--seq-len", "64"]):
+        assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(text), "--json", *args]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    strided, whole, plain = reports
+    assert strided["n_bytes"] == whole["n_bytes"] == plain["n_bytes"] == len(TEXT.encode() * 2)
+    assert strided["context"] == 32 and strided["bpb"] == pytest.approx(whole["bpb"], rel=1e-5)
+    assert plain["bpb"] != pytest.approx(whole["bpb"], rel=1e-3)

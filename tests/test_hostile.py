@@ -149,12 +149,14 @@ for name, path, expect in (
 ):
     case(f"data-{name}", ["train-entropy", "--data", path, "--out", "{work}/run", "--preset", "tiny"], expect, "run")
 for flag, value in (("--batch-size", "-1"), ("--batch-size", "0"), ("--seq-len", "0"), ("--seq-len", "-5"),
-                    ("--split", "test"), ("--device", "tpu")):  # fmt: skip
+                    ("--split", "test"), ("--device", "tpu"), ("--context", "-1"), ("--context", "x")):  # fmt: skip
     case(f"eval{flag}={value}", ["eval", "--model", "{base}/model", "--data", "{base}/text.txt", flag, value],
          repr(value))  # fmt: skip
 case("eval--split-val-without-run", "eval --model {base}/model --data {base}/text.txt --split val".split(), "run.json")
 case("eval--seq-len-beyond-model", "eval --model {base}/model --data {base}/text.txt --seq-len 100000".split(),
      "100000")  # fmt: skip
+case("eval--context-as-long-as-the-window",
+     "eval --model {base}/model --data {base}/text.txt --seq-len 64 --context 64".split(), "64")  # fmt: skip
 case("eval--model-missing", "eval --model {work}/none --data {base}/text.txt".split(), "none")
 case("eval--model-is-file", "eval --model {base}/afile --data {base}/text.txt".split(), "afile")
 for name in ("list", "dim-neg", "dim-zero", "dim-str", "dim-null", "heads-zero", "window-zero", "patching-null",

@@ -20,10 +20,26 @@ from blt.model.patching import EntropyPatcher, Patcher
 from blt.tokenizer import BPE_ID, OFFSET, VOCAB_SIZE
 
 
-def windows(stream_len: int, seq_len: int) -> list[tuple[int, int]]:
-    """Non-overlapping input windows [s, e) covering every predicted position of a stream."""
+def windows(stream_len: int, seq_len: int, context: int = 0) -> list[tuple[int, int, int]]:
+    """Input windows (s, e, k) over a stream: ids [s, e) go in, and the predictions at offsets k.. of the
+    window are scored, so that every predicted position is scored exactly once.
+
+    With `context` 0 the windows do not overlap (k is always 0): the first bytes of each window are predicted
+    from almost nothing. With `context` c > 0 each window after the first starts c ids before its first scored
+    position, so every scored prediction sees at least c ids before it (the strided evaluation of fixed-length
+    models): a stride of seq_len - c, and seq_len / (seq_len - c) times the compute.
+    """
+    if not 0 <= context < seq_len:
+        raise ValueError(f"context must be in [0, seq_len), got {context} for seq_len {seq_len}")
     last = stream_len - 1  # the last id has no target
-    return [(s, min(s + seq_len, last)) for s in range(0, last, seq_len)]
+    if last <= 0:
+        return []
+    spans = [(0, min(seq_len, last), 0)]
+    while spans[-1][1] < last:
+        scored = spans[-1][1]  # the first position not yet scored
+        s = scored - context
+        spans.append((s, min(s + seq_len, last), context))
+    return spans
 
 
 def patch_starts_for(patcher: Patcher, ids: torch.Tensor, entropies: torch.Tensor | None) -> torch.Tensor:
@@ -48,43 +64,48 @@ def evaluate_stream(
     max_windows: int | None = None,
     autocast=None,
     bytes_per_id: torch.Tensor | None = None,
+    context: int = 0,
 ) -> dict:
-    """bpb of `model` (a BLT, or an LM over ids such as the entropy model or a token model) over `stream`."""
+    """bpb of `model` (a BLT, or an LM over ids such as the entropy model or a token model) over `stream`.
+
+    `context` > 0 scores overlapping windows so that every prediction sees at least that many ids before it
+    (see `windows`); 0 scores non-overlapping windows, cheaper but harder on each window's first bytes."""
     bytes_per_id = byte_lengths() if bytes_per_id is None else bytes_per_id
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    spans = windows(len(stream), seq_len)[:max_windows]
+    spans = windows(len(stream), seq_len, context)[:max_windows]
     bits = 0.0
     n_bytes = n_positions = n_patches = 0
-    by_len: dict[int, list[tuple[int, int]]] = {}
-    for s, e in spans:
-        by_len.setdefault(e - s, []).append((s, e))
+    by_len: dict[int, list[tuple[int, int, int]]] = {}
+    for span in spans:
+        by_len.setdefault(span[1] - span[0], []).append(span)
     for length, group in by_len.items():
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]
-            ids = torch.from_numpy(np.stack([stream[s:e] for s, e in chunk]).astype(np.int64))
-            targets = torch.from_numpy(np.stack([stream[s + 1 : e + 1] for s, e in chunk]).astype(np.int64))
+            ids = torch.from_numpy(np.stack([stream[s:e] for s, e, _ in chunk]).astype(np.int64))
+            targets = torch.from_numpy(np.stack([stream[s + 1 : e + 1] for s, e, _ in chunk]).astype(np.int64))
+            scored = torch.arange(length)[None, :] >= torch.tensor([k for _, _, k in chunk])[:, None]
             with autocast() if autocast else nullcontext():
                 if isinstance(model, EntropyModel):
                     logits = model(ids.to(device))
                 else:
                     ent = (
-                        torch.from_numpy(np.stack([entropies[s:e] for s, e in chunk]).astype(np.float32))
+                        torch.from_numpy(np.stack([entropies[s:e] for s, e, _ in chunk]).astype(np.float32))
                         if entropies is not None
                         else None
                     )
                     starts = patch_starts_for(model.patcher, ids, ent)
-                    n_patches += int(starts[:, :length].sum())
+                    n_patches += int((starts[:, :length].bool() & scored.to(starts.device)).sum())
                     logits = model(ids.to(device), patch_starts=starts.to(device))
             nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="none").view_as(
                 targets
             )
-            lengths = bytes_per_id[targets]
-            counted = (lengths > 0) | (targets == BPE_ID)
+            lengths = bytes_per_id[targets] * scored
+            counted = ((lengths > 0) | (targets == BPE_ID)) & scored
             bits += float(nll[counted.to(device)].sum()) / math.log(2)
             n_bytes += int(lengths.sum())
-            n_positions += ids.numel()
+            n_positions += int(scored.sum())
     model.train(was_training)
     out = {"bpb": bits / max(n_bytes, 1), "n_bytes": n_bytes, "bits": bits}
     if n_patches:

@@ -546,9 +546,11 @@ def evaluate_model(
     progress: bool = True,
     text_field: str = "text",
     max_bytes: int | None = None,
+    context: int = 0,
 ) -> dict:
     """bpb, mean patch size and FLOPs per byte of a saved model on `data` (or on its train/val split), and the bpb of
-    `xz -9` on the same bytes. `text_field` and `max_bytes` are `read_documents`'s."""
+    `xz -9` on the same bytes. `text_field` and `max_bytes` are `read_documents`'s; `context` > 0 scores
+    overlapping windows so that every prediction sees at least that many ids (`evaluate_stream`)."""
     model = load_pretrained(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -577,12 +579,15 @@ def evaluate_model(
         seq_len = saved["train"]["seq_len"] if saved else min(1024, limit)
     if seq_len > limit:
         raise BltError(f"--seq-len {seq_len} exceeds the model's longest sequence ({limit})")
+    if not isinstance(context, int) or isinstance(context, bool) or not 0 <= context < seq_len:
+        raise BltError(f"--context must be an integer from 0 to the window length - 1 ({seq_len - 1}), got {context!r}")
     ent = None
     if is_blt and model.entropy_model is not None:
         ent = cached_entropies(
             model.entropy_model, stream, Path(cache_dir) if cache_dir else DEFAULT_CACHE, progress=progress
         )
-    result = evaluate_stream(model, stream, seq_len, batch_size=batch_size, entropies=ent)
+    result = evaluate_stream(model, stream, seq_len, batch_size=batch_size, entropies=ent, context=context)
+    result["seq_len"], result["context"] = seq_len, context
     if is_blt:
         report = flops_per_byte(
             model.config,
