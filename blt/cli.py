@@ -895,6 +895,9 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(command="lm-eval", func=_lm_eval, harness_args=argv[1:])
     else:
         args = parser.parse_args(argv)
+    # subnormal floats flushed to zero, set before torch starts its worker threads (they inherit it): see
+    # blt.training.loop; restored on return for a caller in the same process (its threads keep what they have)
+    flushing = torch.set_flush_denormal(True)
     try:
         args.func(args)
     except BltError as e:
@@ -906,6 +909,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"\nblt {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        if flushing:
+            torch.set_flush_denormal(False)
     return 0
 
 

@@ -281,3 +281,17 @@ def test_flops_command_matches_the_hand_count(tmp_path, capsys):
     assert report["inference_total"] == pytest.approx(expected) and report["training_total"] == pytest.approx(
         3 * expected
     )
+
+
+
+def test_the_blt_command_flushes_subnormals_and_restores_the_default(tmp_path, monkeypatch):
+    """Subnormal floats (a slow path on x86 that a trained model's backward pass hits often) are zero while a
+    `blt` command runs, and behave as usual again once `main` returns."""
+    subnormal = torch.tensor([1e-39])
+    assert float(subnormal * 1.0) > 0  # torch's default: kept
+    seen = []
+    monkeypatch.setattr(blt.cli, "_eval", lambda args: seen.append(float(subnormal * 1.0)))
+    assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path)]) == 0
+    if torch.set_flush_denormal(False):  # the CPU can flush (x86 with SSE3); the call keeps the default
+        assert seen == [0.0]
+    assert float(subnormal * 1.0) > 0
