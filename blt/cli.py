@@ -19,7 +19,7 @@ import torch
 from blt.config import BLTConfig
 from blt.errors import BltError
 from blt.experiments.compare import MODELS, run_compare
-from blt.experiments.demo import run_demo
+from blt.experiments.demo import BLT_STEPS, ENTROPY_STEPS, run_demo
 from blt.experiments.visualize import patch_html, patch_png, patch_view, terminal
 from blt.flops import flops_per_byte, format_table
 from blt.inference import score
@@ -700,8 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="runs/demo",
         help="output directory (default runs/demo); an earlier demo run there is replaced, any other folder refused",
     )
-    p.add_argument("--entropy-steps", type=positive_int, default=300)
-    p.add_argument("--blt-steps", type=positive_int, default=400)
+    p.add_argument("--entropy-steps", type=positive_int, default=ENTROPY_STEPS)
+    p.add_argument("--blt-steps", type=positive_int, default=BLT_STEPS)
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(

@@ -97,7 +97,7 @@ def test_demo_generalizes_to_english_it_never_saw(tmp_path, monkeypatch):
     """The full demo (about 4 minutes), scored on English from other sources (the web text and the two English
     Genesis versions of ../shared, 16 KB of each in 2 KB pieces): on average 0.1 bpb below its own entropy model,
     and below xz -9. (Issue 11 also asks for 16 KB pieces, where xz profits from repetition across the piece: the
-    demo beats it there on 3 of 8 texts, see benchmarks/generalization.py.) The demo runs in `runs/demo` under
+    demo beats it there on 4 of 8 texts, see benchmarks/generalization.py.) The demo runs in `runs/demo` under
     `tmp_path`: the train/validation split hashes each document's path, so this is the model `make demo` trains."""
     files = sorted(shared_path("webtext").glob("*.txt")) + [
         shared_path(f"genesis/english-{v}.txt") for v in ("kjv", "web")

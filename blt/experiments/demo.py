@@ -16,6 +16,7 @@ from pathlib import Path
 
 from blt.experiments.corpus import shakespeare_corpus, stdlib_corpus
 from blt.experiments.visualize import loss_curves_png, patch_html, patch_png, patch_view
+from blt.presets import BLT_PRESETS, ENTROPY_PRESETS
 from blt.rundir import claim, is_ours
 from blt.training.data import build_stream, read_documents, split_documents
 from blt.training.evaluate import unigram_bpb
@@ -23,6 +24,8 @@ from blt.training.recipes import train_blt, train_entropy
 from blt.weights import load_blt
 
 SAMPLE_PROMPT = "The if statement is used for"
+ENTROPY_STEPS = ENTROPY_PRESETS["demo"][1].max_steps
+BLT_STEPS = BLT_PRESETS["demo"][1].max_steps
 CORPUS_BYTES = None  # all of the standard library's text (about 2 MB): more varied text generalizes better
 
 
@@ -38,8 +41,8 @@ def write_corpus(directory: Path, max_bytes: int | None = CORPUS_BYTES) -> Path:
 
 def run_demo(
     out: str | Path = "runs/demo",
-    entropy_steps: int = 300,
-    blt_steps: int = 400,
+    entropy_steps: int = ENTROPY_STEPS,
+    blt_steps: int = BLT_STEPS,
     quiet: bool = False,
     corpus_bytes: int | None = CORPUS_BYTES,
 ) -> dict:
