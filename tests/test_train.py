@@ -283,7 +283,6 @@ def test_flops_command_matches_the_hand_count(tmp_path, capsys):
     )
 
 
-
 def test_the_blt_command_flushes_subnormals_and_restores_the_default(tmp_path, monkeypatch):
     """Subnormal floats (a slow path on x86 that a trained model's backward pass hits often) are zero while a
     `blt` command runs, and behave as usual again once `main` returns."""
