@@ -8,15 +8,20 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test venv clean
 
-$(VENV)/.installed: pyproject.toml
+# the demo needs the package alone; the tests also need the extras they exercise
+$(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,hub,data,serve,lm-eval]'
 	touch $@
 
 venv: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.base
 	$(VENV)/bin/blt demo
 
 test: $(VENV)/.installed
