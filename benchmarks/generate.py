@@ -387,24 +387,13 @@ def targets(results: dict) -> list[dict]:
                 met = any(min(p.values()) >= 85 for p in pct.values())
                 out.append(target(f"per-byte models >= 85% of the weight-bandwidth floor ({dtype})", pct, met))
     lat = results.get("latency")
-    if lat:
-        ratios = {mode: run["ratio_end_vs_600"] for mode, run in lat["modes"].items()}
-        out.append(
-            target(
-                "latency per byte at the end within 1.3x of position 600",
-                ratios,
-                max(ratios.values()) <= 1.3,
-            )
-        )
-        if all("ratio_at_mean_patch_rate" in run for run in lat["modes"].values()):
-            adjusted = {mode: run["ratio_at_mean_patch_rate"] for mode, run in lat["modes"].items()}
-            out.append(
-                target(
-                    "the same at the run's mean patch rate (what position alone costs; a diagnostic)",
-                    adjusted,
-                    max(adjusted.values()) <= 1.3,
-                )
-            )
+    for key, name in (
+        ("ratio_end_vs_600", "latency per byte at the end within 1.3x of position 600"),
+        ("ratio_at_mean_patch_rate", "the same at the run's mean patch rate (what position alone costs; a diagnostic)"),
+    ):
+        if lat and all(key in run for run in lat["modes"].values()):
+            ratios = {mode: run[key] for mode, run in lat["modes"].items()}
+            out.append(target(name, ratios, max(ratios.values()) <= 1.3))
     return out
 
 
