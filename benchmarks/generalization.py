@@ -62,6 +62,8 @@ def main() -> None:
         raise SystemExit(f"{SHARED} is absent: the held-out texts live in ../shared/data")
     torch.set_num_threads(2)
     context = args.seq_len // 2 if args.context is None else args.context
+    if args.seq_len < 2 or not 0 <= context < args.seq_len:
+        p.error(f"--context must be from 0 to --seq-len - 1, got {context} with --seq-len {args.seq_len}")
     model = load_blt(resolve_model_dir(args.model))
     entropy_model = model.entropy_model
     rows, start = [], time.time()
