@@ -639,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_negative_int,
         default=0,
         help="bytes of context before each scored window: overlapping windows, so that every byte is predicted "
-        "from at least this many (default 0: non-overlapping windows; half the window is a common choice)",
+        "from at least this many, for seq-len / (seq-len - context) times the compute (default 0: non-overlapping "
+        "windows; half the window is a common choice)",
     )
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", type=device)

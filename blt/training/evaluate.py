@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from blt.model.entropy_model import EntropyModel
 from blt.model.patching import EntropyPatcher, Patcher
@@ -65,11 +66,13 @@ def evaluate_stream(
     autocast=None,
     bytes_per_id: torch.Tensor | None = None,
     context: int = 0,
+    progress: bool = False,
 ) -> dict:
     """bpb of `model` (a BLT, or an LM over ids such as the entropy model or a token model) over `stream`.
 
     `context` > 0 scores overlapping windows so that every prediction sees at least that many ids before it
-    (see `windows`); 0 scores non-overlapping windows, cheaper but harder on each window's first bytes."""
+    (see `windows`); 0 scores non-overlapping windows, cheaper but harder on each window's first bytes.
+    `progress` draws a bar over the windows."""
     bytes_per_id = byte_lengths() if bytes_per_id is None else bytes_per_id
     was_training = model.training
     model.eval()
@@ -80,9 +83,11 @@ def evaluate_stream(
     by_len: dict[int, list[tuple[int, int, int]]] = {}
     for span in spans:
         by_len.setdefault(span[1] - span[0], []).append(span)
+    bar = tqdm(total=len(spans), desc="eval", unit="window", disable=not progress, leave=False)
     for length, group in by_len.items():
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]
+            bar.update(len(chunk))
             ids = torch.from_numpy(np.stack([stream[s:e] for s, e, _ in chunk]).astype(np.int64))
             targets = torch.from_numpy(np.stack([stream[s + 1 : e + 1] for s, e, _ in chunk]).astype(np.int64))
             scored = torch.arange(length)[None, :] >= torch.tensor([k for _, _, k in chunk])[:, None]
@@ -106,6 +111,7 @@ def evaluate_stream(
             bits += float(nll[counted.to(device)].sum()) / math.log(2)
             n_bytes += int(lengths.sum())
             n_positions += int(scored.sum())
+    bar.close()
     model.train(was_training)
     out = {"bpb": bits / max(n_bytes, 1), "n_bytes": n_bytes, "bits": bits}
     if n_patches:

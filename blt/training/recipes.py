@@ -586,7 +586,9 @@ def evaluate_model(
         ent = cached_entropies(
             model.entropy_model, stream, Path(cache_dir) if cache_dir else DEFAULT_CACHE, progress=progress
         )
-    result = evaluate_stream(model, stream, seq_len, batch_size=batch_size, entropies=ent, context=context)
+    result = evaluate_stream(
+        model, stream, seq_len, batch_size=batch_size, entropies=ent, context=context, progress=progress
+    )
     result["seq_len"], result["context"] = seq_len, context
     if is_blt:
         report = flops_per_byte(
