@@ -192,7 +192,7 @@ def latency(name: str, n_bytes: int, repeats: int = 3) -> dict:
     modes = {}
     for mode, kwargs in (("eager", {}), ("compile", {"compile": True})):
         model.generate([PROMPT], 64, stop_at_eos=False, **kwargs)
-        runs, new = [], b""
+        runs = []
         for _ in range(repeats):
             times, new = [], bytearray()
             t = time.perf_counter()
@@ -215,14 +215,15 @@ def latency(name: str, n_bytes: int, repeats: int = 3) -> dict:
         def stretch(p):
             rows = window(p)
             closing = [s for s, c in rows if c]
-            other = [s for s, c in rows if not c]
+            closing_mean = statistics.mean(closing)
+            other_mean = statistics.mean(s for s, c in rows if not c)
             return {
                 "mean": statistics.mean(s for s, _ in rows),
                 "closing_steps": len(closing),
                 "bytes": len(rows),
-                "mean_closing": statistics.mean(closing),
-                "mean_other": statistics.mean(other),
-                "at_mean_patch_rate": rate * statistics.mean(closing) + (1 - rate) * statistics.mean(other),
+                "mean_closing": closing_mean,
+                "mean_other": other_mean,
+                "at_mean_patch_rate": rate * closing_mean + (1 - rate) * other_mean,
             }
 
         last = positions[-1] - 100

@@ -529,8 +529,12 @@ def train_blt(
     return result
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _is_pos_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+    return _is_int(x) and x > 0
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -579,7 +583,7 @@ def evaluate_model(
         seq_len = saved["train"]["seq_len"] if saved else min(1024, limit)
     if seq_len > limit:
         raise BltError(f"--seq-len {seq_len} exceeds the model's longest sequence ({limit})")
-    if not isinstance(context, int) or isinstance(context, bool) or not 0 <= context < seq_len:
+    if not _is_int(context) or not 0 <= context < seq_len:
         raise BltError(f"--context must be an integer from 0 to the window length - 1 ({seq_len - 1}), got {context!r}")
     ent = None
     if is_blt and model.entropy_model is not None:
