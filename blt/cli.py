@@ -27,6 +27,7 @@ from blt.inference.speculative import DRAFTS, SpeculationStats
 from blt.memory import blt_stacks, blt_units, device_bytes, gib
 from blt.presets import BLT_PRESETS, ENTROPY_PRESETS
 from blt.tokenizer import StreamDecoder
+from blt.training.loop import PRECISIONS
 from blt.training.parallel import PARALLEL
 from blt.training.recipes import evaluate_model, export_checkpoint, resolve_model_dir, train_blt, train_entropy
 from blt.weights import convert, load_blt
@@ -223,6 +224,12 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile", action="store_true", default=None, help="torch.compile each transformer block for training"
     )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="auto (default): bfloat16 autocast on CUDA, float32 on a CPU; bf16: autocast on a CPU too (faster on "
+        "CPUs with AMX or AVX512-BF16; weights and optimizer stay float32); fp32 everywhere",
+    )
     _add_corpus_options(p)
 
 
@@ -255,6 +262,7 @@ def _overrides(args) -> dict:
         "parallel",
         "activation_checkpointing",
         "compile",
+        "precision",
     )
     return {k: getattr(args, k) for k in keys}
 
@@ -395,7 +403,7 @@ def _memory(args) -> None:
 
 
 def _demo(args) -> None:
-    run_demo(args.out, entropy_steps=args.entropy_steps, blt_steps=args.blt_steps)
+    run_demo(args.out, entropy_steps=args.entropy_steps, blt_steps=args.blt_steps, precision=args.precision)
 
 
 def _generate(args) -> None:
@@ -703,6 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--entropy-steps", type=positive_int, default=ENTROPY_STEPS)
     p.add_argument("--blt-steps", type=positive_int, default=BLT_STEPS)
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto (default): bfloat16 autocast where the CPU multiplies bfloat16 in hardware, else float32",
+    )
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(

@@ -27,6 +27,7 @@ import blt
 from blt.cli import main
 from blt.config import BLTConfig, EntropyModelConfig, PatchingConfig
 from blt.errors import BltError
+from blt.experiments.demo import run_demo
 from blt.inference.sampling import StopChecker, check_generation_args
 from blt.training import data as data_module
 from blt.training.data import read_documents
@@ -115,6 +116,9 @@ for value in ("tpu", "cuda:x", "gpu0") + (() if CUDA else ("cuda",)):
     case(f"train--device={value}", B + ["--device", value], repr(value))
 for value in ("0", "nan", "-3"):
     case(f"train--target-patch-bytes={value}", B + ["--target-patch-bytes", value], repr(value))
+for value in ("fp16", "BF16", ""):
+    case(f"train--precision={value}", B + ["--precision", value], repr(value))
+case("demo--precision=fp16", "demo --out {work}/demo --precision fp16".split(), "'fp16'")
 for value in ("nan", "inf"):
     case(f"train--threshold={value}", B + ["--threshold", value], repr(value))
 for value in ("0", "-5"):
@@ -389,9 +393,11 @@ api("weights-config-list", lambda tmp: load_blt(_write_model_with(tmp / "m", lam
 api("weights-hf-config-missing-keys", lambda tmp: load_blt(_hf_missing(tmp)), "config.json")
 api("weights-int-keys-consolidated", lambda tmp: load_blt(_consolidated_int_keys(tmp)), "0")
 for field, value in (("max_steps", 0), ("grad_accum", 0), ("lr", float("nan")), ("lr", float("inf")), ("lr", 0.0),
-                     ("batch_size", -1), ("log_every", 0), ("seed", -1), ("max_minutes", float("nan"))):  # fmt: skip
+                     ("batch_size", -1), ("log_every", 0), ("seed", -1), ("max_minutes", float("nan")),
+                     ("precision", "fp16")):  # fmt: skip
     api(f"TrainConfig.{field}={value!r}", lambda f=field, v=value: TrainConfig(**{f: v}), field)
 api("train_entropy-max_steps=0", lambda tmp: train_entropy([str(tmp / "x")], tmp / "run", max_steps=0), "max_steps")
+api("run_demo-precision=fp16", lambda tmp: run_demo(tmp / "demo", precision="fp16"), "precision")
 api("data-empty-list", lambda tmp: read_documents([]), "no data")
 api("data-proc-mem", lambda tmp: read_documents(["/proc/self/mem"]), "/proc/self/mem")
 

@@ -7,17 +7,21 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import blt
 import blt.training.checkpoints
 from blt.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, main
 from blt.config import PatchingConfig
+from blt.model.transformer import RMSNorm, sdpa
 from blt.training.checkpoints import latest_checkpoint
 from blt.training.data import Document, PackedSequences, build_stream, stream_entropies
 from blt.training.evaluate import patch_starts_for
@@ -294,3 +298,41 @@ def test_the_blt_command_flushes_subnormals_and_restores_the_default(tmp_path, m
     if torch.set_flush_denormal(False):  # the CPU can flush (x86 with SSE3); the call keeps the default
         assert seen == [0.0]
     assert float(subnormal * 1.0) > 0
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+def test_precision_on_a_cpu(tmp_path, precision):
+    """On a CPU, `auto` and `fp32` compute in float32; `bf16` runs the forward pass under bfloat16 autocast while
+    the weights (and so the optimizer) stay float32, and its first loss is within bfloat16's rounding of float32's."""
+    model, data, forward = blt_job()
+    seen = []
+
+    def recording(m, batch):
+        seen.append(m.local_decoder.output(torch.zeros(1, m.local_decoder.output.in_features)).dtype)
+        return forward(m, batch)
+
+    cfg = TrainConfig(**{**CFG.__dict__, "max_steps": 2, "grad_accum": 1, "precision": precision})
+    train_loop(model, data, cfg, tmp_path, recording, progress=False)
+    assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    first = losses(tmp_path)[0]
+    reference, data, forward = blt_job()
+    train_loop(reference, data, replace(cfg, precision="fp32"), tmp_path / "fp32", forward, progress=False)
+    assert first == pytest.approx(losses(tmp_path / "fp32")[0], rel=0 if precision != "bf16" else 2e-2)
+
+
+def test_attention_and_norms_under_cpu_autocast_compute_in_float32():
+    """Under a CPU autocast, attention takes float32 (bfloat16 attention's backward is the slower one there) and an
+    RMSNorm reads a bfloat16 input in its float32 weight's dtype (torch's fused kernel, no warning)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    norm = RMSNorm(8)
+    x = torch.randn(3, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = sdpa(q, k, v, is_causal=True)
+        normed = norm(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=0)
+    assert normed.dtype == torch.float32
+    torch.testing.assert_close(normed, torch.nn.RMSNorm(8)(x.float()), rtol=0, atol=0)

@@ -14,12 +14,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from blt.errors import BltError
 from blt.experiments.corpus import shakespeare_corpus, stdlib_corpus
 from blt.experiments.visualize import loss_curves_png, patch_html, patch_png, patch_view
 from blt.presets import BLT_PRESETS, ENTROPY_PRESETS
 from blt.rundir import claim, is_ours
 from blt.training.data import build_stream, read_documents, split_documents
 from blt.training.evaluate import unigram_bpb
+from blt.training.loop import PRECISIONS, cpu_has_bf16_units
 from blt.training.recipes import train_blt, train_entropy
 from blt.weights import load_blt
 
@@ -45,7 +49,14 @@ def run_demo(
     blt_steps: int = BLT_STEPS,
     quiet: bool = False,
     corpus_bytes: int | None = CORPUS_BYTES,
+    precision: str = "auto",
 ) -> dict:
+    """The demo into `out`. `precision` as `blt train`'s, but for `auto`: bfloat16 autocast where this CPU
+    multiplies bfloat16 matrices in hardware (the steps take about 15-25% less time), float32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise BltError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if cpu_has_bf16_units() else "fp32"
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     start = time.time()
     out = Path(out)
@@ -60,10 +71,21 @@ def run_demo(
         f"{sum(len(d.data) for d in docs) / 1e3:.0f} KB in {len(docs)} sections "
         f"({len(val_docs)} held out for validation)"
     )
+    say(
+        "training in "
+        + ("bfloat16 autocast (float32 weights)" if precision == "bf16" else "float32")
+        + f", {torch.get_num_threads()} threads"
+    )
 
     say("\n[1/3] training the entropy model (a small byte LM)")
     ent = train_entropy(
-        [str(corpus)], out / "entropy", preset="demo", max_steps=entropy_steps, device="cpu", progress=not quiet
+        [str(corpus)],
+        out / "entropy",
+        preset="demo",
+        max_steps=entropy_steps,
+        device="cpu",
+        progress=not quiet,
+        precision=precision,
     )
     say(f"      validation bpb {ent['bpb']:.3f}")
 
@@ -77,6 +99,7 @@ def run_demo(
         device="cpu",
         cache_dir=out / "cache",
         progress=not quiet,
+        precision=precision,
     )
 
     say("\n[3/3] sampling and drawing patches")

@@ -10,7 +10,7 @@ from torch import nn
 
 from blt.config import EntropyModelConfig
 from blt.model.masks import sequence_self_mask
-from blt.model.transformer import RotaryEmbedding, TransformerBlock, run_layers
+from blt.model.transformer import RMSNorm, RotaryEmbedding, TransformerBlock, run_layers
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ class EntropyModel(nn.Module):
         self.layers = nn.ModuleList(
             TransformerBlock(c.dim, c.n_heads, c.n_kv_heads, c.hidden_dim, c.norm_eps) for _ in range(c.n_layers)
         )
-        self.norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+        self.norm = RMSNorm(c.dim, eps=c.norm_eps)
         self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
 
     def forward(self, ids: torch.Tensor, cache=None) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from blt.config import BLTConfig
-from blt.model.transformer import CrossAttention, RotaryEmbedding, TransformerBlock
+from blt.model.transformer import CrossAttention, RMSNorm, RotaryEmbedding, TransformerBlock
 
 
 class LocalDecoder(nn.Module):
@@ -30,7 +30,7 @@ class LocalDecoder(nn.Module):
         )
         n_cross = c.n_layers_local_decoder if self.cross_all_layers else 1
         self.cross_attn = nn.ModuleList(CrossAttention(dim, c.cross_heads_decoder, c.norm_eps) for _ in range(n_cross))
-        self.norm = nn.RMSNorm(dim, eps=c.norm_eps)
+        self.norm = RMSNorm(dim, eps=c.norm_eps)
         self.output = nn.Linear(dim, c.vocab_size, bias=False)
 
     def has_cross_attn(self, layer: int) -> bool:

@@ -15,6 +15,14 @@ from torch import nn
 from blt.model.masks import LocalMask
 
 
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` that takes its input in its weight's dtype: under autocast a bfloat16 input with float32 weights
+    would take torch's unfused path (a warning and a slower step); elsewhere the cast does nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
 class RotaryEmbedding(nn.Module):
     """Rotations e^{i·pos·θ_j} for arbitrary positions, as complex64 [..., T, hd/2]."""
 
@@ -36,6 +44,17 @@ def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotation.unsqueeze(-2)).flatten(-2).type_as(x)
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+    """`scaled_dot_product_attention`, in float32 under a CPU autocast: there, bfloat16 attention's backward
+    takes about twice as long as float32's (torch 2.13, 2 cores), while the matrix products around it gain."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal)
+
+
 def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LocalMask) -> torch.Tensor:
     """Sliding-window attention in blocks: q, k, v [B, H, T, hd]; each block of queries attends to its
     own keys and those of the blocks that the window reaches back into.
@@ -55,9 +74,7 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
     qb, kk, vv = blocked(q), with_context(blocked(k)), with_context(blocked(v))
     masks = mask.additive_blocks(q.device, q.dtype).expand(b, -1, -1, -1, -1)
-    out = F.scaled_dot_product_attention(
-        qb.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1), attn_mask=masks.flatten(0, 1)
-    )
+    out = sdpa(qb.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1), attn_mask=masks.flatten(0, 1))
     return out.view(b, n_blocks, h, size, hd).transpose(1, 2).reshape(b, h, n_blocks * size, hd)[:, :, :length]
 
 
@@ -69,9 +86,7 @@ def gather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: t
     rows = index[:, :, None].expand(-1, -1, n * h * hd)
     kg = k.flatten(2).gather(1, rows).view(b * length, n, h, hd)  # [B*T, n, H, hd]
     vg = v.flatten(2).gather(1, rows).view(b * length, n, h, hd)
-    out = F.scaled_dot_product_attention(
-        q.reshape(b * length, 1, h, hd).transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2)
-    )
+    out = sdpa(q.reshape(b * length, 1, h, hd).transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2))
     return out.transpose(1, 2).reshape(b, length, h, hd)
 
 
@@ -82,7 +97,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: 
     times n, not G*n*T as a dense masked attention would be."""
     b, groups, n, h, hd = q.shape
     rows = torch.arange(b, device=q.device).unsqueeze(1)
-    scores = torch.einsum("btnhd,bthd->btnh", q[rows, index].float(), k.float()) * hd**-0.5  # [B, T, n, H]
+    scores = torch.einsum("btnhd,bthd->btnh", q[rows, index].float(), k.float()).float() * hd**-0.5  # [B, T, n, H]
     seg = index[:, :, None, None].expand_as(scores)
     top = torch.full((b, groups, n, h), float("-inf"), device=q.device).scatter_reduce(1, seg, scores.detach(), "amax")
     weights = (scores - top.gather(1, seg)).exp()
@@ -147,7 +162,7 @@ class Attention(nn.Module):
                 return self.wo(out.transpose(1, 2).flatten(-2))
             mask = None if mask.plain_causal else mask.dense(x.device)
             is_causal = mask is None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        out = sdpa(q, k, v, mask, is_causal=is_causal and mask is None)
         return self.wo(out.transpose(1, 2).flatten(-2))
 
 
@@ -167,9 +182,9 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None, ffn_dim: int, norm_eps: float = 1e-5):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.attn_norm = RMSNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, n_heads, n_kv_heads)
-        self.ffn_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
         self.ffn = FeedForward(dim, ffn_dim)
 
     def forward(self, x, rope, mask=None, is_causal=False, cache=None) -> torch.Tensor:
@@ -201,8 +216,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, norm_eps: float = 1e-5):
         super().__init__()
-        self.q_norm = nn.RMSNorm(dim, eps=norm_eps)
-        self.kv_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.q_norm = RMSNorm(dim, eps=norm_eps)
+        self.kv_norm = RMSNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, n_heads)
 
     def project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,6 +61,23 @@ from blt.training.parallel import (
     shard,
 )
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def computes_in_bf16(precision: str, device: torch.device) -> bool:
+    """Whether training computes in bfloat16: `auto` does on CUDA, not on a CPU (where it pays only on chips with
+    bfloat16 matrix units, see `cpu_has_bf16_units`)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (x86 AMX or AVX512-BF16; read on Linux only)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
 
 class Interrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM after writing a checkpoint."""
@@ -90,6 +107,7 @@ class TrainConfig:
     parallel: str = "ddp"  # none | ddp | fsdp: how torchrun's ranks share the model (parallel.py)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     compile: bool = False  # torch.compile each block's forward
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 (autocast, float32 weights) | fp32
 
     def __post_init__(self):
         """Refuse degenerate settings (zero steps, zero accumulation, a non-finite learning rate), naming them."""
@@ -117,6 +135,8 @@ class TrainConfig:
                 raise BltError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             raise BltError("lr must be > 0, got 0")
+        if self.precision not in PRECISIONS:
+            raise BltError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.parallel not in PARALLEL:
             raise BltError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
@@ -204,7 +224,7 @@ def train_loop(
     sharded_checkpoints = cfg.parallel == "fsdp"  # at any world size: the run can move to another one
     prepare_blocks(model, cfg.activation_checkpointing, cfg.compile)
     if cfg.parallel == "fsdp" and d.world > 1:
-        shard(model, d)  # before the optimizer: it must hold the shards
+        shard(model, d, computes_in_bf16(cfg.precision, d.device))  # before the optimizer: it must hold the shards
     model.to(d.device)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_at)
@@ -229,9 +249,9 @@ def train_loop(
             _truncate_metrics(out, step)
     replicated = cfg.parallel == "ddp" and d.world > 1
     ddp = torch.nn.parallel.DistributedDataParallel(model) if replicated else model
-    # on CUDA a sharded model computes in bfloat16 through FSDP's mixed-precision policy, the rest through autocast
-    bf16_autocast = d.device.type == "cuda" and not is_sharded(model)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16_autocast else nullcontext
+    # a sharded model computes in bfloat16 through FSDP's mixed-precision policy, the rest through autocast
+    bf16_autocast = computes_in_bf16(cfg.precision, d.device) and not is_sharded(model)
+    autocast = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if bf16_autocast else nullcontext
 
     stop = {"signal": False}
     handlers = {}

@@ -61,14 +61,15 @@ def prepare_blocks(model: nn.Module, activation_checkpointing: bool = False, com
             block.forward = forward
 
 
-def shard(model: nn.Module, d: Dist) -> nn.Module:
+def shard(model: nn.Module, d: Dist, bf16: bool) -> nn.Module:
     """FSDP2 over all ranks, in place: each block and embedding table, the top-level modules with parameters
-    left over, the root. Parameters become DTensors holding this rank's rows; names do not change."""
+    left over, the root. Parameters become DTensors holding this rank's rows; names do not change. With `bf16` the
+    units compute in bfloat16 and reduce gradients in float32."""
     # FSDP warns that a unit returned a view that an in-place op could detach from its backward hook; no module
     # output is modified in place here (the local encoder's patch vectors are such a view)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(d.device.type, (d.world,))
-    if d.device.type == "cuda":
+    if bf16:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         mp = MixedPrecisionPolicy()

@@ -38,7 +38,7 @@ from blt.training.data import (
 )
 from blt.training.distributed import setup_distributed
 from blt.training.evaluate import evaluate_stream, patch_starts_for, unigram_bpb
-from blt.training.loop import TrainConfig, lm_loss, log_metrics, train_loop
+from blt.training.loop import TrainConfig, computes_in_bf16, lm_loss, log_metrics, train_loop
 from blt.training.parallel import full_state_dict, is_sharded
 from blt.weights import BLT, EntropyModel, load_entropy_model, load_pretrained
 
@@ -59,6 +59,7 @@ RESUMABLE = (
     "parallel",
     "activation_checkpointing",
     "compile",
+    "precision",
 )  # a resumed run honours these
 
 
@@ -134,7 +135,7 @@ def _check_memory(units: list[int], cfg: TrainConfig, stacks, vocab: int, d, for
         max(1, cfg.batch_size // d.world),
         d.world,
         cfg.parallel,
-        bf16=cuda,
+        bf16=computes_in_bf16(cfg.precision, d.device),
         activation_checkpointing=cfg.activation_checkpointing,
     )
     need = sum(parts.values())
