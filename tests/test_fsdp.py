@@ -79,6 +79,16 @@ def test_activation_checkpointing_gives_the_same_losses(runs):
     assert np.abs(losses(runs / "ac") - losses(runs / "one")).max() < 1e-5
 
 
+def test_bf16_on_two_cpu_ranks_follows_the_float32_curve(runs):
+    """--precision bf16 under FSDP on CPU ranks: the units gather bfloat16 weights and reduce float32 gradients; the
+    losses stay within bfloat16's rounding of the float32 run's, and the saved weights are float32."""
+    blt_cli(runs, runs / "bf16", "--max-steps", 6, "--precision", "bf16", ranks=2)
+    bf16, fp32 = losses(runs / "bf16"), losses(runs / "two")
+    assert len(bf16) == 6 and np.abs(bf16 - fp32).max() < 2e-2 * fp32.max()
+    assert not np.array_equal(bf16, fp32)  # the mixed-precision policy took effect
+    assert all(t.dtype == torch.float32 for t in blt.load_pretrained(runs / "bf16").state_dict().values())
+
+
 @pytest.mark.slow
 def test_compiled_checkpointed_blocks_give_the_same_losses(runs):
     """--compile with --activation-checkpointing on 2 ranks (about a minute of compiling on 2 CPU cores)."""
