@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 
-from blt.errors import BltError
 from blt.experiments.corpus import shakespeare_corpus, stdlib_corpus
 from blt.experiments.visualize import loss_curves_png, patch_html, patch_png, patch_view
 from blt.presets import BLT_PRESETS, ENTROPY_PRESETS
 from blt.rundir import claim, is_ours
 from blt.training.data import build_stream, read_documents, split_documents
 from blt.training.evaluate import unigram_bpb
-from blt.training.loop import PRECISIONS, cpu_has_bf16_units
+from blt.training.loop import check_precision, cpu_has_bf16_units
 from blt.training.recipes import train_blt, train_entropy
 from blt.weights import load_blt
 
@@ -53,8 +52,7 @@ def run_demo(
 ) -> dict:
     """The demo into `out`. `precision` as `blt train`'s, but for `auto`: bfloat16 autocast where this CPU
     multiplies bfloat16 matrices in hardware (the steps take about 15-25% less time), float32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise BltError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)  # before the run folder is touched
     if precision == "auto":
         precision = "bf16" if cpu_has_bf16_units() else "fp32"
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))

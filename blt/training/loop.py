@@ -71,13 +71,18 @@ def computes_in_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+def check_precision(precision) -> None:
+    if precision not in PRECISIONS:
+        raise BltError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU multiplies bfloat16 matrices in hardware (x86 AMX or AVX512-BF16; read on Linux only)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return False
-    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 class Interrupted(KeyboardInterrupt):
@@ -136,8 +141,7 @@ class TrainConfig:
                 raise BltError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             raise BltError("lr must be > 0, got 0")
-        if self.precision not in PRECISIONS:
-            raise BltError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if self.parallel not in PARALLEL:
             raise BltError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
