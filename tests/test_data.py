@@ -1,5 +1,6 @@
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -114,3 +115,18 @@ def test_entropy_cache_is_computed_once_and_keyed(tmp_path, monkeypatch):
     monkeypatch.undo()
     cached_entropies(other, stream, tmp_path)
     assert len(list(tmp_path.glob("entropies-*.npy"))) == 2
+
+
+def test_the_document_split_does_not_depend_on_where_the_files_are(tmp_path, monkeypatch):
+    """The same files, named by a relative path, an absolute one, or copied into another folder, give the same
+    validation documents (the demo's split must not depend on --out)."""
+    for folder in ("a/corpus", "b/elsewhere/corpus"):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(40):
+            (tmp_path / folder / f"{i:02d}.txt").write_text(f"document {i} " * 20)
+    monkeypatch.chdir(tmp_path)
+    splits = [
+        [os.path.basename(d.name) for d in split_documents(read_documents([path]))[1]]
+        for path in ("a/corpus", tmp_path / "a/corpus", "./b/elsewhere/corpus")
+    ]
+    assert splits[0] and splits[0] == splits[1] == splits[2]

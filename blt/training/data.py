@@ -237,8 +237,9 @@ def split_documents(
 ) -> tuple[list[Document], list[Document]]:
     """Deterministic train/validation split.
 
-    `document`: a document goes to validation when a hash of its name and content says so (about
-    `val_fraction` of them); `tail`: the last `val_fraction` of every document's bytes, cut at a
+    `document`: a document goes to validation when a hash of its file name (without the folders above it, so that
+    the same files read from another place split the same way) and content says so (about `val_fraction` of
+    them); `tail`: the last `val_fraction` of every document's bytes, cut at a
     newline when one is near; `auto`: `document` with >= 20 documents, else `tail`.
     """
     if not 0 <= val_fraction < 1:
@@ -248,7 +249,8 @@ def split_documents(
     if mode == "document":
         train, val = [], []
         for d in docs:
-            h = int.from_bytes(hashlib.sha256(d.name.encode() + b"\0" + d.data).digest()[:8], "big")
+            key = os.path.basename(d.name).encode()
+            h = int.from_bytes(hashlib.sha256(key + b"\0" + d.data).digest()[:8], "big")
             (val if h / 2**64 < val_fraction else train).append(d)
         if val_fraction > 0 and not val:
             val.append(train.pop())
