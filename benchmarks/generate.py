@@ -567,12 +567,34 @@ def markdown(results: dict) -> str:
             ["model", "dtype", "text bytes/s", "weights read per text byte (MB)", "% of bandwidth floor"], rows
         )
         rows = [
-            [r["dtype"], mode, part, f["weights_mb"], f["floor_ms"], f["measured_ms"], f["percent_of_floor"]]
+            [
+                r["dtype"],
+                mode,
+                part,
+                f["weights_mb"],
+                f["floor_ms"],
+                f["measured_ms"],
+                f["percent_of_floor"],
+                f.get("matmul_chain_ms"),
+                f.get("chain_percent_of_floor"),
+                f.get("percent_of_matmul_chain"),
+            ]
             for r in release["blt"]["runs"]
             for mode, key in FLOOR_KEYS
             for part, f in (r.get(key) or {}).items()
         ]
-        header = ["dtype", "mode", "BLT-1B part", "weights read (MB)", "floor (ms)", "measured (ms)", "% of floor"]
+        header = [
+            "dtype",
+            "mode",
+            "BLT-1B part",
+            "weights read (MB)",
+            "floor (ms)",
+            "measured (ms)",
+            "% of floor",
+            "its matrix products alone (ms)",
+            "theirs, % of floor",
+            "step, % of its matrix products",
+        ]
         lines += table(header, rows)
     if "targets" in results:
         lines += table(

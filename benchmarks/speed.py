@@ -1,6 +1,6 @@
 """Measuring tools shared by the generation benchmarks: bytes per second, the generation modes a model
-offers, the time each BLT stack takes inside the engine's steps, the weights a step reads, and this
-machine's matrix-vector memory bandwidth."""
+offers, the time each BLT stack takes inside the engine's steps, the weights a step reads, this machine's
+matrix-vector memory bandwidth, and the time a step's own matrix products take with nothing between them."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+
+from blt.model.transformer import FusedBlock
 
 # generation modes other work adds to `model.generate`: (name, keyword arguments); absent ones are skipped
 MODES = (("compile", {"compile": True}), ("speculate4", {"speculate": 4}))
@@ -193,6 +195,40 @@ def matvec_bandwidth(dtype=torch.float32, megabytes: int = 256, repeats: int = 2
     F.linear(x, weight)
     best = min(timed(lambda: F.linear(x, weight))[0] for _ in range(repeats))
     return weight.numel() * weight.element_size() / best / 1e9
+
+
+def step_matrices(model) -> dict[str, list[torch.Tensor]]:
+    """The weight matrices a batch-1 decoding step multiplies one vector by, per per-byte part, as the engine holds
+    them (`FusedBlock`: q/k/v fused, w1/w3 fused, [in, out] views): the local encoder's blocks; the local decoder's
+    cross-attention queries and outputs, blocks and head; the entropy model's blocks and head."""
+
+    def blocks(layers):
+        return [w for b in map(FusedBlock, layers) for w in (b.wqkv, b.wo, b.w13, b.w2)]
+
+    enc, dec = model.local_encoder, model.local_decoder
+    cross = [w.detach().t() for x in dec.cross_attn for w in (x.attn.wq.weight, x.attn.wo.weight)]
+    parts = {
+        "local_encoder": blocks(enc.layers),
+        "local_decoder": cross + blocks(dec.layers) + [dec.output.weight.detach().t()],
+    }
+    if model.entropy_model is not None:
+        em = model.entropy_model
+        parts["entropy_model"] = blocks(em.layers) + [em.output.weight.detach().t()]
+    return parts
+
+
+def matmul_chain_ms(matrices: list[torch.Tensor], repeats: int = 10) -> float:
+    """Milliseconds to multiply one vector by each of `matrices` ([in, out]) in turn with nothing between them: the
+    least a step that reads these weights takes with the library's matrix-vector products, whose bandwidth falls
+    short of `matvec_bandwidth`'s on matrices of a few MB. The best of `repeats` chains."""
+    inputs = {w.shape[0]: torch.randn(1, w.shape[0], dtype=w.dtype, device=w.device) for w in matrices}
+
+    def chain():
+        for w in matrices:
+            torch.mm(inputs[w.shape[0]], w)
+
+    chain()
+    return min(timed(chain)[0] for _ in range(repeats)) * 1e3
 
 
 @functools.cache

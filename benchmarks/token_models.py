@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 from speed import (
     generation_modes,
+    matmul_chain_ms,
     matvec_bandwidth,
     mode_rate,
     random_blt,
     stack_times,
     stdlib_texts,
+    step_matrices,
     timed,
     weights_read,
 )
@@ -225,19 +227,26 @@ def llama_configs(blt_config: BLTConfig, scale: int = 1) -> dict:
     }
 
 
-def floor_percent(weight_bytes: float, bandwidth_gbs: float, measured_ms: float) -> dict:
-    """A part's floor (its weights streamed once at the measured bandwidth) against its measured time."""
+def floor_percent(weight_bytes: float, bandwidth_gbs: float, measured_ms: float, chain_ms: float | None = None) -> dict:
+    """A part's floor (its weights streamed once at the measured bandwidth) against its measured time; with
+    `chain_ms`, also the time of its matrix products alone (`matmul_chain_ms`) against the measured time."""
     floor_ms = weight_bytes / (bandwidth_gbs * 1e9) * 1e3
-    return {
+    out = {
         "weights_mb": weight_bytes / 1e6,
         "floor_ms": floor_ms,
         "measured_ms": measured_ms,
         "percent_of_floor": 100 * floor_ms / measured_ms,
     }
+    if chain_ms is not None:
+        out["matmul_chain_ms"] = chain_ms
+        out["chain_percent_of_floor"] = 100 * floor_ms / chain_ms
+        out["percent_of_matmul_chain"] = 100 * chain_ms / measured_ms
+    return out
 
 
-def stack_floors(stacks: dict | None, weights: dict, bandwidth: float) -> dict | None:
-    """Each part of a BLT step (`stack_times`) against its bandwidth floor, and the whole step per byte."""
+def stack_floors(stacks: dict | None, weights: dict, bandwidth: float, chains: dict | None = None) -> dict | None:
+    """Each part of a BLT step (`stack_times`) against its bandwidth floor, and the whole step per byte. `chains`:
+    the per-byte parts' matrix-product chains (`matmul_chain_ms`), by part name as `stack_times` names them."""
     if stacks is None:
         return None
     ms, per_patch = stacks["ms_per_byte"], stacks["bytes_per_patch"]
@@ -245,7 +254,7 @@ def stack_floors(stacks: dict | None, weights: dict, bandwidth: float) -> dict |
     parts = {k: ms[k] for k in ("entropy_model", "local_encoder", "entropy_model+local_encoder") if k in ms}
     parts["local_decoder"] = ms["local_decoder"]
     floors = {
-        part: floor_percent(sum(weights[k] for k in part.split("+")), bandwidth, measured)
+        part: floor_percent(sum(weights[k] for k in part.split("+")), bandwidth, measured, (chains or {}).get(part))
         for part, measured in parts.items()
     }
     floors["global_per_patch"] = floor_percent(weights["global"], bandwidth, ms["global"] * per_patch)
@@ -268,6 +277,13 @@ def blt_release_run(model, text: bytes, n_bytes: int, bandwidth: float, dtype) -
         r = mode_rate(model, [text[:100]], n_bytes, kwargs, warmup_bytes=16)  # (enough to compile every part)
         rates[name] = {k: r[k] for k in ("bytes_per_s", "warmup_seconds", "mean_patch_bytes")}
     weights = weights_read(model)
+    matrices = step_matrices(model)
+    chains = {  # each part as the eager and the compiled steps time it
+        part: matmul_chain_ms([w for k in part.split("+") for w in matrices[k]])
+        for part in ("entropy_model", "local_encoder", "entropy_model+local_encoder", "local_decoder")
+        if all(k in matrices for k in part.split("+"))
+    }
+    del matrices
     return {
         "dtype": dtype_name(dtype),
         "text_bytes_per_s": stacks["bytes_per_s"] if stacks else rates["eager"]["bytes_per_s"],
@@ -277,8 +293,8 @@ def blt_release_run(model, text: bytes, n_bytes: int, bandwidth: float, dtype) -
         "stack_times": stacks,
         "stack_times_compiled": compiled,
         "weights_read_mb": {k: v / 1e6 for k, v in weights.items()},
-        "bandwidth_floor": stack_floors(stacks, weights, bandwidth),
-        "bandwidth_floor_compiled": stack_floors(compiled, weights, bandwidth),
+        "bandwidth_floor": stack_floors(stacks, weights, bandwidth, chains),
+        "bandwidth_floor_compiled": stack_floors(compiled, weights, bandwidth, chains),
     }
 
 
