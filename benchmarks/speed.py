@@ -123,25 +123,30 @@ def stack_times(
     """Per-byte milliseconds of each stack at batch 1, prefilling the first `prompt_bytes` of `text` and then
     stepping through the next `n_steps` bytes of it (teacher forcing: a step costs what a greedy step costs,
     and the patches are those of real text, which a random model's own output is not); None where the
-    engine's internals are not what `StackClock` wraps. `compile`: the compiled engine (the `warmup` steps
-    must close a patch, so that they compile every part)."""
+    engine's internals are not what `StackClock` wraps. The untimed warm-up runs `warmup` steps and goes on
+    until it has closed a patch (in every mode, so that eager and compiled time the same bytes): a compiled
+    engine compiles each part on its first call, which must not be timed."""
     from blt.inference import IncrementalBLT
 
-    ids = model.encode(text[: prompt_bytes + warmup + n_steps])
+    ids = model.encode(text)
     engine = IncrementalBLT(model, compile=compile)
     engine.prefill([ids[: prompt_bytes + 1]])
     clock = StackClock(engine)
     if not clock.available:
         return None
     feed = ids[prompt_bytes + 1 :, None]
-    for i in range(warmup):
-        engine.step(feed[i])
+    start, untimed = int(engine.state.n_patches[0]), 0
+    while untimed < warmup or int(engine.state.n_patches[0]) == start:
+        engine.step(feed[untimed])
+        untimed += 1
+    if untimed + n_steps > len(feed):
+        raise ValueError(f"the text is too short for {n_steps} timed steps after {untimed} untimed ones")
     clock.install()
     patches = int(engine.state.n_patches[0])
-    for i in range(warmup, len(feed)):
+    for i in range(untimed, untimed + n_steps):
         engine.step(feed[i])
     closed = int(engine.state.n_patches[0]) - patches
-    steps = len(feed) - warmup
+    steps = n_steps
     ms = clock.per_byte()
     del engine, clock  # the clock's wrappers and the engine refer to each other: collect them now
     gc.collect()
@@ -239,9 +244,11 @@ def stdlib_texts() -> list[bytes]:
     return [t.encode() for _, t in stdlib_corpus()]
 
 
-def random_blt(config, em_config, texts: list[bytes] | None = None, mean_patch: float = 4.5):
+def random_blt(config, em_config, texts: list[bytes] | None = None, mean_patch: float = 4.5, skip: int = 0):
     """A BLT of random weights with a random entropy model whose threshold gives ~`mean_patch`-byte patches
-    over `texts` (default: the first standard-library documents of 511 bytes or more, cut to 511). The
+    over `texts` (default: the first standard-library documents of 511 bytes or more, cut to 511) from their
+    byte `skip` on, each byte's entropy taken in the context of its whole text (a random model's entropies
+    drift with the position, so the threshold is set on the bytes that will be stepped through). The
     entropy model's head is scaled up so that entropies vary from byte to byte, and the decoder's so that
     greedy output is not one repeated byte."""
     import blt
@@ -257,7 +264,7 @@ def random_blt(config, em_config, texts: list[bytes] | None = None, mean_patch: 
     if texts is None:
         texts = [t[:511] for t in stdlib_texts()[:16] if len(t) >= 511]
     with torch.no_grad():
-        entropies = [em.entropies(blt.encode(t)[None])[0] for t in texts]
+        entropies = [em.entropies(blt.encode(t)[None])[0, skip:] for t in texts]  # (BOS first: byte skip's start on)
     theta = threshold_for_mean_patch(entropies, mean_patch)
     model = blt.BLT(
         dataclasses.replace(config, patching=PatchingConfig(mode="entropy", threshold=theta)),

@@ -42,6 +42,7 @@ from blt.tokenizer import BOS_ID, OFFSET
 SPECIAL = [0, 1, 2, 3]
 LLAMA_BYTES_PER_TOKEN = 4.4  # bytes of English text per Llama-3 token (an assumption, stated in the results)
 LLAMA_VOCAB = 128_256
+RELEASE_PROMPT, RELEASE_WARMUP = 100, 16  # BLT-1B's stepping: bytes prefilled, then steps left untimed
 
 
 # ---- the BPE baseline as a transformers Llama -------------------------------------------------------
@@ -269,8 +270,9 @@ def blt_release_run(model, text: bytes, n_bytes: int, bandwidth: float, dtype) -
     model and the local encoder are one graph, timed together) and each stack against its bandwidth floor;
     greedy text bytes/s from the first 100 bytes of `text` in every generation mode (with the bytes per patch
     of that output, which a random model makes at its own rate)."""
-    stacks = stack_times(model, text, n_steps=n_bytes, warmup=16)  # the same bytes as compiled, which must
-    compiled = stack_times(model, text, n_steps=n_bytes, warmup=16, compile=True)  # close a patch to compile
+    steps = dict(n_steps=n_bytes, prompt_bytes=RELEASE_PROMPT, warmup=RELEASE_WARMUP)
+    stacks = stack_times(model, text, **steps)  # the same bytes as compiled, whose warm-up must close a patch
+    compiled = stack_times(model, text, compile=True, **steps)  # (to compile every part)
     modes, skipped = generation_modes(model)
     rates = {}
     for name, kwargs in modes:
@@ -327,7 +329,8 @@ def release_shape(n_bytes: int, scale: int = 1, dtypes=(torch.float32, torch.bfl
     text = next(t for t in stdlib_texts() if len(t) > n_bytes + 200)
     bandwidth = {dtype_name(d): matvec_bandwidth(d) for d in dtypes}
     config, em_config = release_configs(scale)
-    model = random_blt(config, em_config, texts=[text[: n_bytes + 110]])
+    end = RELEASE_PROMPT + RELEASE_WARMUP + n_bytes  # the threshold is set on the bytes `stack_times` steps through
+    model = random_blt(config, em_config, texts=[text[:end]], skip=RELEASE_PROMPT)
     blt = {
         "params": model.num_params(),
         "params_without_embeddings": model.num_params(embeddings=False),
