@@ -136,7 +136,7 @@ def stack_times(
         return None
     feed = ids[prompt_bytes + 1 :, None]
     start, untimed = int(engine.state.n_patches[0]), 0
-    while untimed < warmup or int(engine.state.n_patches[0]) == start:
+    while (untimed < warmup or int(engine.state.n_patches[0]) == start) and untimed < len(feed):
         engine.step(feed[untimed])
         untimed += 1
     if untimed + n_steps > len(feed):
@@ -264,7 +264,8 @@ def random_blt(config, em_config, texts: list[bytes] | None = None, mean_patch: 
     if texts is None:
         texts = [t[:511] for t in stdlib_texts()[:16] if len(t) >= 511]
     with torch.no_grad():
-        entropies = [em.entropies(blt.encode(t)[None])[0, skip:] for t in texts]  # (BOS first: byte skip's start on)
+        # after BOS, entry i decides whether byte i starts a patch
+        entropies = [em.entropies(blt.encode(t)[None])[0, skip:] for t in texts]
     theta = threshold_for_mean_patch(entropies, mean_patch)
     model = blt.BLT(
         dataclasses.replace(config, patching=PatchingConfig(mode="entropy", threshold=theta)),
