@@ -268,15 +268,16 @@ def stack_floors(stacks: dict | None, weights: dict, bandwidth: float, chains: d
 def blt_release_run(model, text: bytes, n_bytes: int, bandwidth: float, dtype) -> dict:
     """BLT-1B at batch 1: its time per stack stepping through `text` (eager, and compiled: there the entropy
     model and the local encoder are one graph, timed together) and each stack against its bandwidth floor;
-    greedy text bytes/s from the first 100 bytes of `text` in every generation mode (with the bytes per patch
-    of that output, which a random model makes at its own rate)."""
+    greedy text bytes/s from the first `RELEASE_PROMPT` bytes of `text` in every generation mode (with the bytes
+    per patch of that output, which a random model makes at its own rate)."""
     steps = dict(n_steps=n_bytes, prompt_bytes=RELEASE_PROMPT, warmup=RELEASE_WARMUP)
-    stacks = stack_times(model, text, **steps)  # the same bytes as compiled, whose warm-up must close a patch
-    compiled = stack_times(model, text, compile=True, **steps)  # (to compile every part)
+    stacks = stack_times(model, text, **steps)  # the same bytes as compiled
+    compiled = stack_times(model, text, compile=True, **steps)
     modes, skipped = generation_modes(model)
     rates = {}
     for name, kwargs in modes:
-        r = mode_rate(model, [text[:100]], n_bytes, kwargs, warmup_bytes=16)  # (enough to compile every part)
+        # the warm-up is enough to compile every part
+        r = mode_rate(model, [text[:RELEASE_PROMPT]], n_bytes, kwargs, warmup_bytes=RELEASE_WARMUP)
         rates[name] = {k: r[k] for k in ("bytes_per_s", "warmup_seconds", "mean_patch_bytes")}
     weights = weights_read(model)
     matrices = step_matrices(model)
