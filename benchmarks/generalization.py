@@ -1,6 +1,7 @@
 """Held-out English from other sources than the training corpus: bits per byte of a trained BLT, of its entropy
-model and of `xz -9`, on pieces of 2, 4 and 16 KB and on a 64 KB excerpt of each text (each piece scored as a
-document of its own, as xz compresses it on its own); xz's figure on each whole file is reported beside.
+model and of `xz -9`, on pieces of at most 2, 4 and 16 KB and on a 64 KB excerpt of each text (each piece scored as
+a document of its own, as xz compresses it on its own; every byte of the excerpt in a piece, so the means over
+the texts weigh the same bytes at every piece size); xz's figure on each whole file is reported beside.
 
 The models score strided windows (`--context`, default half the window): every byte is predicted from at least
 that many bytes before it where its piece has them, as xz sees everything before a byte. The BLT's figure on
@@ -41,7 +42,9 @@ def texts() -> dict[str, bytes]:
 
 
 def pieces(data: bytes, size: int) -> list[bytes]:
-    return [data[i : i + size] for i in range(0, len(data) - size + 1, size)] or [data]
+    """`data` cut into pieces of at most `size` bytes, the last one shorter: every byte is scored at every
+    piece size, so that each text weighs its bytes in every mean."""
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 def model_bpb(model, docs: list[bytes], seq_len: int, context: int = 0) -> float:

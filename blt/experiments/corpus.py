@@ -21,6 +21,13 @@ The text is the Python documentation and source commentary, under the PSF Licens
 `shakespeare_corpus` adds plays: the tiny Shakespeare file of char-rnn and nanoGPT (1.1 MB, 40,000 lines of
 dialogue from Shakespeare's plays, public domain), shipped inside the package xz-compressed (364 KB). The
 standard library alone is technical prose: a model trained on it alone loses to xz on ordinary English.
+
+`books_corpus` adds three public-domain books, the English texts of the Canterbury Corpus (the compression
+benchmark of Arnold and Bell, 1997), shipped as the corpus's files xz-compressed (333 KB for 1.06 MB):
+Lewis Carroll's *Alice's Adventures in Wonderland* (`alice29.txt`), the proceedings of the Library of
+Congress's 1992 Workshop on Electronic Texts (`lcet10.txt`, a work of the US government) and John Milton's
+*Paradise Lost* (`plrabn12.txt`), each a Project Gutenberg etext of the early 1990s. Their Project Gutenberg
+front and back matter is cut off when they are read.
 """
 
 from __future__ import annotations
@@ -200,17 +207,17 @@ def near_key(text: str) -> str:
     return _NEAR.sub("", text.lower())
 
 
-def pack(name: str, paragraphs: list[str], doc_bytes: int = DOC_BYTES) -> list[tuple[str, str]]:
-    """Consecutive paragraphs joined by blank lines into documents of about `doc_bytes`."""
+def pack(name: str, paragraphs: list[str], doc_bytes: int = DOC_BYTES, sep: str = "\n\n") -> list[tuple[str, str]]:
+    """Consecutive paragraphs joined by `sep` (a blank line) into documents of about `doc_bytes`."""
     docs, section, size = [], [], 0
     for para in paragraphs:
         section.append(para)
-        size += len(para) + 2
+        size += len(para) + len(sep)
         if size >= doc_bytes:
-            docs.append((f"{name}-{len(docs)}", "\n\n".join(section)))
+            docs.append((f"{name}-{len(docs)}", sep.join(section).strip("\n")))
             section, size = [], 0
     if section:
-        docs.append((f"{name}-{len(docs)}", "\n\n".join(section)))
+        docs.append((f"{name}-{len(docs)}", sep.join(section).strip("\n")))
     return docs
 
 
@@ -273,9 +280,41 @@ def stdlib_corpus(
     return docs
 
 
+def packaged_text(filename: str) -> str:
+    """A text file shipped xz-compressed in `blt/experiments/data`, with Unix line ends."""
+    packed = resources.files("blt.experiments").joinpath(f"data/{filename}.xz").read_bytes()
+    return lzma.decompress(packed).decode("utf-8").replace("\r\n", "\n")
+
+
 def shakespeare_corpus(doc_bytes: int = PLAY_DOC_BYTES) -> list[tuple[str, str]]:
     """(name, text) documents of the packaged tiny Shakespeare, cut at blank lines (between speeches) into
     documents of about `doc_bytes`, in the file's order."""
-    packed = resources.files("blt.experiments").joinpath("data/tinyshakespeare.txt.xz").read_bytes()
-    text = lzma.decompress(packed).decode("utf-8")
+    text = packaged_text("tinyshakespeare.txt")
     return pack("shakespeare", [p for p in text.split("\n\n") if p.strip()], doc_bytes)
+
+
+def between(text: str, start: str, end: str) -> str:
+    """`text` from the first `start` to the last `end`, both excluded: a book without its front and back matter."""
+    first, last = text.index(start) + len(start), text.rindex(end)
+    return text[first:last]
+
+
+def joined_paragraphs(text: str) -> list[str]:
+    """The paragraphs of hard-wrapped prose, each on one line with its spacing collapsed."""
+    return [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def books_corpus(doc_bytes: int = DOC_BYTES) -> list[tuple[str, str]]:
+    """(name, text) documents of the three packaged books, in the files' order: the prose in paragraphs of one
+    line each, the workshop's proceedings through the same prose filter as the docstrings (which drops its
+    lists, tables and directory of participants), the poem line by line as printed, in documents of about
+    `doc_bytes` (the poem `PLAY_DOC_BYTES`)."""
+    alice = between(packaged_text("alice29.txt"), "\n\n\n", "THE END").replace("`", "'")  # its opening quote
+    workshop = between(packaged_text("lcet10.txt"), "INTRODUCTION\n", "\n                                   END")
+    poem = "\n".join(line.rstrip() for line in packaged_text("plrabn12.txt").splitlines())
+    poem = between(poem, "\nParadise Lost\n", "[The End]")
+    return (
+        pack("alice", joined_paragraphs(alice), doc_bytes)
+        + pack("workshop", prose_paragraphs(workshop), doc_bytes)
+        + pack("paradise-lost", poem.strip("\n").splitlines(), PLAY_DOC_BYTES, sep="\n")
+    )

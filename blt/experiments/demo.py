@@ -1,8 +1,9 @@
 """`blt demo`: the whole job on a corpus that needs no download.
 
 The corpus (`blt.experiments.corpus`) is English prose read as files from the standard library (pydoc's help
-topics and the docstrings and comments of the library's own modules, never imported) and Shakespeare's plays
-(tiny Shakespeare, shipped in the package). The demo trains a small
+topics and the docstrings and comments of the library's own modules, never imported), Shakespeare's plays
+(tiny Shakespeare) and three public-domain books (the English texts of the Canterbury Corpus), the last two
+shipped in the package. The demo trains a small
 entropy model, calibrates the entropy threshold to 4.5-byte patches, trains a small BLT on the same text, and
 reports validation bits per byte next to a unigram byte model's, the mean patch size, and samples. Everything
 lands in `runs/demo/`, and every step is one of the `blt` commands, so the run can be repeated piece by piece.
@@ -10,13 +11,14 @@ lands in `runs/demo/`, and every step is one of the `blt` commands, so the run c
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from blt.experiments.corpus import shakespeare_corpus, stdlib_corpus
+from blt.experiments.corpus import books_corpus, shakespeare_corpus, stdlib_corpus
 from blt.experiments.visualize import loss_curves_png, patch_html, patch_png, patch_view
 from blt.presets import BLT_PRESETS, ENTROPY_PRESETS
 from blt.rundir import claim, is_ours
@@ -29,14 +31,17 @@ from blt.weights import load_blt
 SAMPLE_PROMPT = "The if statement is used for"
 ENTROPY_STEPS = ENTROPY_PRESETS["demo"][1].max_steps
 BLT_STEPS = BLT_PRESETS["demo"][1].max_steps
-CORPUS_BYTES = None  # all of the standard library's text (about 2 MB): more varied text generalizes better
+CORPUS_BYTES = None  # all of it (about 4 MB): more varied text generalizes better
 
 
 def write_corpus(directory: Path, max_bytes: int | None = CORPUS_BYTES) -> Path:
-    """The standard library's prose (up to `max_bytes`; None: all) and tiny Shakespeare, a file per document in
-    `directory`."""
+    """The standard library's prose, tiny Shakespeare and the three books, a file per document in `directory`;
+    with `max_bytes`, whole documents in that order up to that many bytes (None: all of it)."""
     directory.mkdir(parents=True, exist_ok=True)
-    docs = stdlib_corpus(max_bytes=max_bytes) + shakespeare_corpus()
+    docs = stdlib_corpus(max_bytes=max_bytes) + shakespeare_corpus() + books_corpus()
+    if max_bytes is not None:
+        sizes = itertools.accumulate(len(text) for _, text in docs)
+        docs = [doc for doc, total in zip(docs, sizes) if total <= max_bytes]
     for i, (name, text) in enumerate(docs):
         (directory / f"{i:04d}-{name}.txt").write_text(text, encoding="utf-8")
     return directory
@@ -65,7 +70,8 @@ def run_demo(
     docs = read_documents([corpus])
     train_docs, val_docs = split_documents(docs)
     say(
-        "corpus: the standard library's help topics, docstrings and comments, and Shakespeare's plays, "
+        "corpus: the standard library's help topics, docstrings and comments, Shakespeare's plays and three "
+        "public-domain books, "
         f"{sum(len(d.data) for d in docs) / 1e3:.0f} KB in {len(docs)} sections "
         f"({len(val_docs)} held out for validation)"
     )
