@@ -696,13 +696,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="train and sample a small BLT on the standard library's docs, Shakespeare and three books (no download)",
+        help="train and sample a small BLT on the standard library's docs, Shakespeare and four books (no download)",
         description=(
             "The main job on an embedded corpus: the standard library's help topics, docstrings and comments, "
-            "Shakespeare's plays and three public-domain books (Alice in Wonderland, a 1992 Library of Congress "
-            "workshop, Paradise Lost; shipped in the package). Trains an entropy model and a small BLT on CPU, "
-            "prints validation bits per byte next to a unigram byte model, the mean patch size and a sample, "
-            "and writes the models, patches.html, patches.png and loss.png to --out."
+            "Shakespeare's plays and four public-domain books (Alice in Wonderland, a 1992 Library of Congress "
+            "workshop, Paradise Lost, the Jargon File; shipped in the package). Trains an entropy model and a "
+            "small BLT on CPU, prints validation bits per byte next to a unigram byte model, the mean patch size "
+            "and a sample, and writes the models, patches.html, patches.png and loss.png to --out."
         ),
     )
     p.add_argument(

@@ -22,12 +22,14 @@ The text is the Python documentation and source commentary, under the PSF Licens
 dialogue from Shakespeare's plays, public domain), shipped inside the package xz-compressed (364 KB). The
 standard library alone is technical prose: a model trained on it alone loses to xz on ordinary English.
 
-`books_corpus` adds three public-domain books, the English texts of the Canterbury Corpus (the compression
-benchmark of Arnold and Bell, 1997), shipped as the corpus's files xz-compressed (333 KB for 1.06 MB):
-Lewis Carroll's *Alice's Adventures in Wonderland* (`alice29.txt`), the proceedings of the Library of
+`books_corpus` adds four public-domain books. Three are the English texts of the Canterbury Corpus (the
+compression benchmark of Arnold and Bell, 1997), shipped as the corpus's files xz-compressed (333 KB for
+1.06 MB): Lewis Carroll's *Alice's Adventures in Wonderland* (`alice29.txt`), the proceedings of the Library of
 Congress's 1992 Workshop on Electronic Texts (`lcet10.txt`, a work of the US government) and John Milton's
-*Paradise Lost* (`plrabn12.txt`), each a Project Gutenberg etext of the early 1990s. Their Project Gutenberg
-front and back matter is cut off when they are read.
+*Paradise Lost* (`plrabn12.txt`), each a Project Gutenberg etext of the early 1990s, whose Project Gutenberg
+front and back matter is cut off when they are read. The fourth is the Jargon File 4.4.7 (29 Dec 2003), the
+hackers' lexicon, in Debian's `dict-jargon` format (1.4 MB, shipped xz-compressed in 437 KB), which its
+authors placed in the public domain.
 """
 
 from __future__ import annotations
@@ -304,17 +306,48 @@ def joined_paragraphs(text: str) -> list[str]:
     return [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
+_BOX_DRAWING = re.compile("[\u2500-\u257f]")
+_ASCII_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+
+
+def lexicon_paragraphs(text: str) -> list[str]:
+    """The entries of a lexicon in dictd's format (a headword at column 0, its pronunciation and part of speech
+    on the next line, its definition indented below) as paragraphs: "headword, n. The definition ...", then
+    the entry's further paragraphs; cross-reference braces dropped, curly quotes made straight."""
+    paragraphs = []
+    for entry in re.split(r"\n(?=\S)", text):
+        head, _, body = entry.partition("\n")
+        head = head.strip()
+        blocks = [b.replace("\xad", "") for b in joined_paragraphs(body) if not _BOX_DRAWING.search(b)]  # no tables
+        if len(blocks) < 2:  # a headword without a definition
+            continue
+        grammar = re.search(r"[a-z][a-z., ]*\.$", blocks[0])  # "/pro'nun·see·AY·shun/, n." -> "n."
+        paragraphs.append(f"{head}, {grammar.group(0)} {blocks[1]}" if grammar else f"{head}: {blocks[1]}")
+        paragraphs.extend(blocks[2:])
+    return [
+        p.replace("{ ", "")
+        .replace("{", "")
+        .replace("}", "")
+        .replace("\u201c ", "\u201c")
+        .replace(" \u201d", "\u201d")
+        .translate(_ASCII_QUOTES)
+        for p in paragraphs
+    ]
+
+
 def books_corpus(doc_bytes: int = DOC_BYTES) -> list[tuple[str, str]]:
-    """(name, text) documents of the three packaged books, in the files' order: the prose in paragraphs of one
-    line each, the workshop's proceedings through the same prose filter as the docstrings (which drops its
-    lists, tables and directory of participants), the poem line by line as printed, in documents of about
-    `doc_bytes` (the poem `PLAY_DOC_BYTES`)."""
+    """(name, text) documents of the four packaged books, in this order: the prose in paragraphs of one line
+    each, the workshop's proceedings through the same prose filter as the docstrings (which drops its lists,
+    tables and directory of participants), the poem line by line as printed, the lexicon an entry a paragraph,
+    in documents of about `doc_bytes` (the poem `PLAY_DOC_BYTES`)."""
     alice = between(packaged_text("alice29.txt"), "\n\n\n", "THE END").replace("`", "'")  # its opening quote
     workshop = between(packaged_text("lcet10.txt"), "INTRODUCTION\n", "\n                                   END")
     poem = "\n".join(line.rstrip() for line in packaged_text("plrabn12.txt").splitlines())
     poem = between(poem, "\nParadise Lost\n", "[The End]")
+    lexicon = between(packaged_text("jargon-4.4.7.txt"), "29 Dec 2003\u201d.)\n", "\n !$&'()")  # a dictd index line
     return (
         pack("alice", joined_paragraphs(alice), doc_bytes)
         + pack("workshop", prose_paragraphs(workshop), doc_bytes)
         + pack("paradise-lost", poem.strip("\n").splitlines(), PLAY_DOC_BYTES, sep="\n")
+        + pack("jargon", lexicon_paragraphs(lexicon), doc_bytes)
     )

@@ -2,8 +2,8 @@
 
 The corpus (`blt.experiments.corpus`) is English prose read as files from the standard library (pydoc's help
 topics and the docstrings and comments of the library's own modules, never imported), Shakespeare's plays
-(tiny Shakespeare) and three public-domain books (the English texts of the Canterbury Corpus), the last two
-shipped in the package. The demo trains a small
+(tiny Shakespeare) and four public-domain books (the English texts of the Canterbury Corpus and the Jargon
+File), the last two shipped in the package. The demo trains a small
 entropy model, calibrates the entropy threshold to 4.5-byte patches, trains a small BLT on the same text, and
 reports validation bits per byte next to a unigram byte model's, the mean patch size, and samples. Everything
 lands in `runs/demo/`, and every step is one of the `blt` commands, so the run can be repeated piece by piece.
@@ -31,11 +31,11 @@ from blt.weights import load_blt
 SAMPLE_PROMPT = "The if statement is used for"
 ENTROPY_STEPS = ENTROPY_PRESETS["demo"][1].max_steps
 BLT_STEPS = BLT_PRESETS["demo"][1].max_steps
-CORPUS_BYTES = None  # all of it (about 4 MB): more varied text generalizes better
+CORPUS_BYTES = None  # all of it (about 5 MB): more varied text generalizes better
 
 
 def write_corpus(directory: Path, max_bytes: int | None = CORPUS_BYTES) -> Path:
-    """The standard library's prose, tiny Shakespeare and the three books, a file per document in `directory`;
+    """The standard library's prose, tiny Shakespeare and the four books, a file per document in `directory`;
     with `max_bytes`, whole documents in that order up to that many bytes (None: all of it)."""
     directory.mkdir(parents=True, exist_ok=True)
     docs = stdlib_corpus(max_bytes=max_bytes) + shakespeare_corpus() + books_corpus()
@@ -70,7 +70,7 @@ def run_demo(
     docs = read_documents([corpus])
     train_docs, val_docs = split_documents(docs)
     say(
-        "corpus: the standard library's help topics, docstrings and comments, Shakespeare's plays and three "
+        "corpus: the standard library's help topics, docstrings and comments, Shakespeare's plays and four "
         "public-domain books, "
         f"{sum(len(d.data) for d in docs) / 1e3:.0f} KB in {len(docs)} sections "
         f"({len(val_docs)} held out for validation)"
